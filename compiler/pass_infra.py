@@ -1,0 +1,145 @@
+"""The pass contract: what a pass is, what it returns, and how it is registered.
+
+A pass is a class with a pydantic ``Config``, a ``kind`` ("exact" or "lossy"), and a ``run`` method
+that rewrites a ``torch.fx.GraphModule`` and returns a :class:`PassResult`. The pass manager is the
+only place that validates, rolls back, costs and reports: a pass never checks its own numerics.
+
+Built-in passes use this same API. Third-party passes register with :func:`register_pass`, through
+the ``bertpress.passes`` entry-point group, or by naming their module in a recipe's ``plugins``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import PassRefused, RecipeError
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationData
+    from .structure import BertStructure
+
+
+class PassConfig(BaseModel):
+    """Options every pass accepts; a pass's own config subclasses this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    on_fail: Literal["stop", "skip"] = Field(
+        "stop",
+        description="What the compile does if this pass breaks its check: stop with exit code 1, or roll it back and go on.",
+    )
+
+
+@dataclass
+class PassResult:
+    """What a pass hands back: the graph, whether it changed, and facts for the report."""
+
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    details: dict[str, Any] = field(default_factory=dict)
+    # Instructions for lowering that the graph itself cannot carry (e.g. "quantize these linears to int8").
+    lowering: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: the analyses, calibration text and the reference."""
+
+    structure_of: Any  # callable(gm) -> BertStructure, cached by the manager
+    calibration: "CalibrationData"
+    reference: torch.nn.Module
+    tokenizer: Any
+    model_config: Any
+    lowering: dict[str, Any]  # hints accumulated by earlier passes (read-only for passes)
+    seed: int = 0
+
+    def structure(self, gm: torch.fx.GraphModule) -> "BertStructure":
+        return self.structure_of(gm)
+
+
+class Pass:
+    """Base class of every graph pass.
+
+    Subclasses set ``name``, ``Config`` and ``kind`` and implement :meth:`run`. ``kind`` is "exact"
+    when the rewrite must reproduce its input within 1e-4, "lossy" when it only has to keep the
+    recipe's fidelity budget; :meth:`is_exact` may refine it per config (keeping every head is exact).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    kind: ClassVar[Literal["exact", "lossy"]] = "lossy"
+    # Ordering constraints, checked against the recipe before anything runs.
+    must_run_before: ClassVar[tuple[str, ...]] = ()
+    must_run_after: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ("structure",)
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig):
+        self.config = config
+
+    def is_exact(self) -> bool:
+        return self.kind == "exact"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def refuse(self, reason: str, fix: str | None = None) -> PassRefused:
+        """Build the error a pass raises when it cannot apply; the reason must be actionable."""
+        return PassRefused(reason, field=self.name, fix=fix)
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_BUILTINS_LOADED = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator that makes a pass available to recipes under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{cls.__qualname__} must set a string class attribute 'name' to be registered")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, PassConfig)):
+        raise TypeError(f"{cls.__qualname__}.Config must subclass bertpress PassConfig")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise TypeError(f"pass name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    importlib.import_module("passes")
+    for entry in importlib.metadata.entry_points(group="bertpress.passes"):
+        entry.load()
+
+
+def load_plugins(modules: list[str], *, file: str | None = None) -> None:
+    """Import the plugin modules a recipe names explicitly (plugins never load implicitly)."""
+    for index, module in enumerate(modules):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise RecipeError(
+                f"cannot import plugin module {module!r}: {exc}.",
+                file=file, field=f"plugins[{index}]",
+                fix="install the package that provides it or fix the module name.",
+            ) from None
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass] | None:
+    _load_builtins()
+    return _REGISTRY.get(name)

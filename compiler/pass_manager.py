@@ -1,0 +1,216 @@
+"""Run a recipe's passes in order; validate, cost, roll back and record every one.
+
+This is the only place that judges a pass. After each pass: graph lint, a run on the held-out
+batches (finite outputs, right shapes), the numerical check its kind promises (exact: within 1e-4
+of the graph before it; lossy: the recipe's fidelity budget against the reference), and the cost
+before and after. A pass that fails is rolled back; the compile stops (exit 1) unless the pass
+says ``on_fail: skip``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import cost_model
+from .calibration import CalibrationData
+from .errors import BertpressError, CheckFailed
+from .pass_infra import Pass, PassContext, get_pass
+from .recipe import Recipe
+from .structure import BertStructure, analyze
+from .validation import compare, hidden_states, run_batches
+
+EXACT_TOLERANCE = 1e-4
+
+
+@dataclass
+class PassRecord:
+    index: int
+    name: str
+    config: dict
+    kind: str
+    status: str = "pending"  # applied | unchanged | rolled_back | skipped
+    reason: str | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
+    cost_before: dict | None = None
+    cost_after: dict | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class StructureCache:
+    """The BERT structure analysis, computed once per graph version and dropped when a pass changes it."""
+
+    def __init__(self):
+        self._cache: dict[int, BertStructure] = {}
+
+    def __call__(self, gm: torch.fx.GraphModule) -> BertStructure:
+        key = id(gm)
+        if key not in self._cache:
+            self._cache[key] = analyze(gm)
+        return self._cache[key]
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+
+@dataclass
+class CompileState:
+    gm: torch.fx.GraphModule
+    lowering: dict[str, Any]
+    outputs: list[torch.Tensor]  # hidden states on the held-out batches
+
+
+Instrument = Callable[[str, dict], None]  # (event, payload): progress display, timing, logs
+
+
+class PassManager:
+    def __init__(self, recipe: Recipe, calibration: CalibrationData, reference: torch.nn.Module, tokenizer,
+                 model_config, pooling: str = "mean", instruments: list[Instrument] | None = None):
+        self.recipe = recipe
+        self.calibration = calibration
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.pooling = pooling
+        self.instruments = instruments or []
+        self.structures = StructureCache()
+        self.reference_outputs = run_batches(hidden_states(reference), calibration.heldout_batches)
+
+    def emit(self, event: str, **payload) -> None:
+        for instrument in self.instruments:
+            instrument(event, payload)
+
+    def cost(self, state: CompileState) -> cost_model.Cost:
+        structure = self.structures(state.gm)
+        point = self.recipe.file.cost
+        return cost_model.estimate(
+            state.gm, batch=point.batch, seq=point.seq, component_of=structure.node_component,
+            int8_weights=set(state.lowering.get("int8_weights", ())),
+            fp16_weights=set(state.lowering.get("fp16_weights", ())),
+        )
+
+    def fidelity(self, outputs: list[torch.Tensor]):
+        return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling)
+
+    def run(self, gm: torch.fx.GraphModule) -> tuple[CompileState, list[PassRecord]]:
+        state = CompileState(gm=gm, lowering={}, outputs=run_batches(hidden_states(gm), self.calibration.heldout_batches))
+        traced = self.fidelity(state.outputs)
+        if traced.max_abs_error > EXACT_TOLERANCE:
+            raise CheckFailed(
+                f"the traced graph differs from the reference model by max-abs-error {traced.max_abs_error:.2e}"
+                f" (tolerance {EXACT_TOLERANCE:g}).", field="trace",
+                fix="report this model to bertpress; tracing must be exact.",
+            )
+        records: list[PassRecord] = []
+        steps = self.recipe.steps
+        for index, step in enumerate(steps):
+            cls = get_pass(step.name)
+            instance: Pass = cls(step.config)
+            record = PassRecord(index, step.name, step.config.model_dump(mode="json"),
+                                "exact" if instance.is_exact() else "lossy")
+            self.emit("pass_start", index=index, total=len(steps), name=step.name)
+            started = time.perf_counter()
+            record.cost_before = self.cost(state).as_dict()
+            state = self._run_one(instance, state, record)
+            record.seconds = round(time.perf_counter() - started, 3)
+            if record.status == "rolled_back" and step.config.on_fail == "skip":
+                record.status = "skipped"
+            records.append(record)
+            self.emit("pass_end", record=record)
+            if record.status == "rolled_back" and step.config.on_fail == "stop":
+                raise PassCheckFailed(record, records, state)
+        return state, records
+
+    def _run_one(self, instance: Pass, state: CompileState, record: PassRecord) -> CompileState:
+        snapshot = copy.deepcopy(state.gm)
+        ctx = PassContext(structure_of=self.structures, calibration=self.calibration, reference=self.reference,
+                          tokenizer=self.tokenizer, model_config=self.model_config,
+                          lowering=copy.deepcopy(state.lowering), seed=self.recipe.file.calibration.seed)
+        try:
+            result = instance.run(state.gm, ctx)
+        except BertpressError:
+            raise  # a refusal is the user's to fix (bad config for this model): exit 2
+        except Exception as exc:  # a bug or numerical blow-up inside the pass: roll back, report by name
+            self.structures.invalidate()
+            return self._roll_back(record, snapshot, state,
+                                   f"the pass raised {type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=3))
+        self.structures.invalidate()
+        record.details = result.details
+        if not result.modified:
+            record.status = "unchanged"
+            record.cost_after = record.cost_before
+            return CompileState(result.graph_module, state.lowering, state.outputs)
+        candidate = CompileState(result.graph_module, _merge(state.lowering, result.lowering), [])
+        try:
+            candidate.gm.graph.lint()
+            record.checks["lint"] = "ok"
+            candidate.outputs = run_batches(hidden_states(candidate.gm), self.calibration.heldout_batches)
+            against_reference = self.fidelity(candidate.outputs)
+            self.structures(candidate.gm)  # the result must still be an analyzable BERT
+        except Exception as exc:
+            self.structures.invalidate()
+            return self._roll_back(record, snapshot, state, f"the rewritten graph does not run: {type(exc).__name__}: {exc}")
+        record.checks["finite"] = against_reference.finite
+        record.checks["cosine"] = round(against_reference.cosine, 6)
+        record.checks["cosine_min"] = round(against_reference.cosine_min, 6)
+        record.checks["max_abs_error_vs_reference"] = against_reference.max_abs_error
+        if not against_reference.finite:
+            return self._roll_back(record, snapshot, state, "the rewritten graph produced NaN or Inf")
+        if instance.is_exact():
+            step_error = compare(state.outputs, candidate.outputs, self.calibration.heldout_batches, self.pooling)
+            record.checks["max_abs_error"] = step_error.max_abs_error
+            record.checks["tolerance"] = EXACT_TOLERANCE
+            if step_error.max_abs_error > EXACT_TOLERANCE:
+                return self._roll_back(
+                    record, snapshot, state,
+                    f"exact rewrite changed the outputs: max-abs-error {step_error.max_abs_error:.3g} > {EXACT_TOLERANCE:g}")
+        else:
+            budget = self.recipe.file.budget
+            record.checks["budget"] = {"metric": budget.metric, "min": budget.min}
+            if against_reference.cosine < budget.min:
+                return self._roll_back(
+                    record, snapshot, state,
+                    f"fidelity budget broken: held-out mean cosine {against_reference.cosine:.4f} < {budget.min}")
+        record.status = "applied"
+        record.cost_after = self.cost(candidate).as_dict()
+        return candidate
+
+    def _roll_back(self, record: PassRecord, snapshot, state: CompileState, reason: str, trace: str | None = None) -> CompileState:
+        record.status = "rolled_back"
+        record.reason = reason
+        if trace:
+            record.details["traceback"] = trace
+        record.cost_after = record.cost_before
+        self.structures.invalidate()
+        return CompileState(snapshot, state.lowering, state.outputs)
+
+
+def _merge(old: dict, new: dict) -> dict:
+    merged = copy.deepcopy(old)
+    for key, value in new.items():
+        if isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = sorted(set(merged[key]) | set(value))
+        else:
+            merged[key] = value
+    return merged
+
+
+class PassCheckFailed(CheckFailed):
+    """A pass broke its check and its recipe entry says stop."""
+
+    def __init__(self, record: PassRecord, records: list[PassRecord], state: CompileState):
+        self.record = record
+        self.records = records
+        self.state = state
+        super().__init__(f"passes[{record.index}] {record.name} was rolled back: {record.reason}.",
+                         field=f"passes[{record.index}]",
+                         fix="relax the recipe's budget, make the pass less aggressive, or set on_fail: skip on it.")

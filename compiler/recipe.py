@@ -1,0 +1,263 @@
+"""The recipe schema: YAML parsed with ``yaml.safe_load`` into pydantic models, one config per pass.
+
+Every mistake becomes a :class:`RecipeError` that names the file, the field path (``passes[1]``)
+and a fix, with "did you mean" suggestions for misspelled names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import RecipeError
+from .pass_infra import PassConfig, get_pass, load_plugins, registered_passes
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Calibration(_Strict):
+    """Unlabeled text the passes calibrate on; a held-out slice of it validates every pass."""
+
+    texts: str = Field(
+        "builtin",
+        description="'builtin' (Python's own reference documentation, shipped with Python), 'builtin:python-docs',"
+        " 'builtin:wordnet' (Debian package wordnet-base), a .txt file (one text per line), a .jsonl file"
+        " (objects with a 'text' field) or a folder of such files. Relative paths are relative to the recipe.",
+    )
+    samples: int = Field(256, ge=8, le=100_000, description="How many texts to sample (seeded) for calibration.")
+    validation_samples: int = Field(
+        64, ge=4, le=10_000,
+        description="How many further texts are held out from calibration and used only to validate passes.",
+    )
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text (longer texts are truncated).")
+    batch_size: int = Field(16, ge=1, le=1024, description="Batch size for calibration and validation runs.")
+    seed: int = Field(0, ge=0, description="Seed of the sampling; same seed, same texts.")
+
+
+class Budget(_Strict):
+    """How close to the reference the compiled model must stay, checked after lossy passes and lowering."""
+
+    metric: Literal["cosine"] = Field(
+        "cosine", description="Mean cosine similarity of the pooled sentence embedding to the reference's.",
+    )
+    min: float = Field(0.98, gt=0.0, le=1.0, description="Lowest acceptable mean cosine on held-out text.")
+
+
+class CostPoint(_Strict):
+    """The input shape the cost model estimates FLOPs and latency at."""
+
+    batch: int = Field(32, ge=1, le=4096)
+    seq: int = Field(128, ge=1, le=8192)
+
+
+class Target(_Strict):
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    threads: int = Field(2, ge=1, le=256, description="Intra-op threads of the ONNX Runtime session.")
+    fusions: bool = Field(True, description="Apply ONNX Runtime transformer fusions (attention, layer norm, gelu).")
+
+
+class RecipeFile(_Strict):
+    """Top level of a recipe file (pass configs are typed per pass, see ``passes``)."""
+
+    version: Literal[1] = Field(1, description="Recipe format version.")
+    model: str = Field("builtin:minilm-l6", description="A local Hugging Face folder or builtin:minilm-l6.")
+    calibration: Calibration = Calibration()
+    budget: Budget = Budget()
+    cost: CostPoint = CostPoint()
+    plugins: list[str] = Field(default_factory=list, description="Modules to import that register custom passes.")
+    passes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Passes in order; each item is a one-key mapping {pass-name: {config}}.",
+    )
+    target: Target = Target()
+
+
+class PassStep(BaseModel):
+    """One resolved pass in a recipe: its registered name and typed config."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    config: PassConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        return {self.name: self.config.model_dump(mode="json")}
+
+
+class Recipe(BaseModel):
+    """A validated recipe: the top-level settings and the typed pass steps."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: str
+    base_dir: Path
+    file: RecipeFile
+    steps: list[PassStep]
+
+    def normalized(self) -> dict[str, Any]:
+        """The recipe with every default filled in: compiling it again gives the same model."""
+        data = self.file.model_dump(mode="json")
+        data["passes"] = [step.as_dict() for step in self.steps]
+        return data
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.normalized(), sort_keys=True).encode()).hexdigest()
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _loc(parts: tuple) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _validation_error(exc: ValidationError, model: type[BaseModel], file: str, prefix: str) -> RecipeError:
+    first = exc.errors()[0]
+    loc = first["loc"]
+    path = prefix + (("." if prefix and loc and not isinstance(loc[0], int) else "") + _loc(loc) if loc else "")
+    if first["type"] == "extra_forbidden":
+        # Walk the model to the parent of the unknown field so the suggestion lists its siblings.
+        parent: Any = model
+        for part in loc[:-1]:
+            field = getattr(parent, "model_fields", {}).get(part) if isinstance(part, str) else None
+            parent = field.annotation if field is not None else parent
+        valid = sorted(getattr(parent, "model_fields", {}).keys())
+        return RecipeError(
+            f"unknown field {loc[-1]!r}.{_suggest(str(loc[-1]), valid)}",
+            file=file, field=path, fix=f"valid fields here are: {', '.join(valid)}.",
+        )
+    value = first.get("input")
+    shown = json.dumps(value, default=str)[:80] if value is not None else "missing"
+    return RecipeError(
+        f"{first['msg']} (got {shown}).", file=file, field=path,
+        fix="see `bertpress schema` for the type and range of this field.",
+    )
+
+
+def parse_step(item: Any, index: int, file: str) -> PassStep:
+    field = f"passes[{index}]"
+    names = sorted(registered_passes())
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(
+            "each pass must be a one-key mapping like `- layer-drop: {layers: [5]}`.",
+            file=file, field=field, fix=f"write the pass name as the key; valid names: {', '.join(names)}.",
+        )
+    (name, options), = item.items()
+    cls = get_pass(str(name))
+    if cls is None:
+        raise RecipeError(
+            f"unknown pass {name!r}.{_suggest(str(name), names)}",
+            file=file, field=field, fix=f"valid pass names are: {', '.join(names)}.",
+        )
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise RecipeError(f"the options of {name!r} must be a mapping, got {type(options).__name__}.",
+                          file=file, field=f"{field}.{name}", fix="write them as {key: value, ...}.")
+    try:
+        config = cls.Config.model_validate(options)
+    except ValidationError as exc:
+        raise _validation_error(exc, cls.Config, file, f"{field}.{name}") from None
+    return PassStep(name=str(name), config=config)
+
+
+def _check_order(steps: list[PassStep], file: str) -> None:
+    """Check the passes' declared ordering constraints against the recipe's order, as a graph."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    positions: dict[str, list[int]] = {}
+    for index, step in enumerate(steps):
+        positions.setdefault(step.name, []).append(index)
+        graph.add_node(index)
+    for index, step in enumerate(steps):
+        cls = get_pass(step.name)
+        for later in cls.must_run_before:
+            for other in positions.get(later, []):
+                if other < index:
+                    raise RecipeError(
+                        f"{step.name!r} must run before {later!r}, but passes[{other}] ({later}) comes first.",
+                        file=file, field=f"passes[{index}]", fix=f"move {step.name!r} above {later!r}.",
+                    )
+                graph.add_edge(index, other)
+        for earlier in cls.must_run_after:
+            for other in positions.get(earlier, []):
+                if other > index:
+                    raise RecipeError(
+                        f"{step.name!r} must run after {earlier!r}, but passes[{other}] ({earlier}) comes later.",
+                        file=file, field=f"passes[{index}]", fix=f"move {step.name!r} below {earlier!r}.",
+                    )
+                graph.add_edge(other, index)
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = nx.find_cycle(graph)
+        raise RecipeError(f"the passes' ordering constraints form a cycle: {cycle}.", file=file, field="passes",
+                          fix="remove one of the conflicting passes.")
+
+
+def load_recipe_text(text: str, *, file: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"is not valid YAML at {where}: {problem}.", file=file,
+                          fix="fix the YAML syntax there (indentation, a missing ':' or an unclosed bracket).") from None
+    if data is None:
+        raise RecipeError("is empty.", file=file, fix="start from one of the files in recipes/.")
+    if not isinstance(data, dict):
+        raise RecipeError(f"must be a YAML mapping at the top level, got {type(data).__name__}.", file=file,
+                          fix="start from one of the files in recipes/.")
+    try:
+        recipe_file = RecipeFile.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, RecipeFile, file, "") from None
+    load_plugins(recipe_file.plugins, file=file)
+    steps = [parse_step(item, index, file) for index, item in enumerate(recipe_file.passes)]
+    _check_order(steps, file)
+    base = base_dir if base_dir is not None else Path.cwd()
+    return Recipe(source=file, base_dir=base, file=recipe_file, steps=steps)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("does not exist.", file=str(path), fix="give the path of a recipe YAML file, e.g. recipes/minilm-int8.yaml.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError("is not UTF-8 text.", file=str(path), fix="save the recipe as UTF-8.") from None
+    return load_recipe_text(text, file=str(path), base_dir=path.resolve().parent)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of recipe files, with each pass's typed config, for editors and CI."""
+    steps = []
+    for name, cls in registered_passes().items():
+        step = create_model(
+            f"Step_{name.replace('-', '_')}", __config__=ConfigDict(extra="forbid"),
+            **{name: (cls.Config, Field(..., description=(cls.__doc__ or "").strip().splitlines()[0]))},
+        )
+        steps.append(step)
+    union = Union[tuple(steps)] if steps else dict  # noqa: UP007
+    typed = create_model("Recipe", __base__=RecipeFile, passes=(list[union], Field(default_factory=list)))
+    schema = typed.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "bertpress recipe"
+    return schema

@@ -1,0 +1,28 @@
+"""Run a lowered model in ONNX Runtime with the target's thread count, batch by batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def session(model_path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(sess):
+    names = {i.name for i in sess.get_inputs()}
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {k: v.numpy().astype(np.int64) for k, v in batch.items() if k in names}
+        return torch.from_numpy(np.asarray(sess.run(None, feeds)[0]))
+
+    return run

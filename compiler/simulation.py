@@ -1,0 +1,38 @@
+"""Ops that simulate in the FX graph what lowering will realize in ONNX Runtime (e.g. int8 rounding).
+
+A pass may insert a call to a function decorated with :func:`simulated_op` so validation sees the
+numerics of the deployed model; before export, :func:`strip_simulation` removes those calls and the
+lowering realizes the real thing (ONNX Runtime's quantizer) from the pass's lowering hints.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch.fx import GraphModule
+
+_SIMULATED: set[Callable] = set()
+
+
+def simulated_op(fn: Callable) -> Callable:
+    """Mark a one-input function as simulation only: identity for export, real for validation."""
+    _SIMULATED.add(fn)
+    return fn
+
+
+def is_simulated(node) -> bool:
+    return node.op == "call_function" and node.target in _SIMULATED
+
+
+def strip_simulation(gm: GraphModule) -> int:
+    """Replace every simulated op by its first input, in place; returns how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if is_simulated(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.graph.lint()
+        gm.recompile()
+    return removed

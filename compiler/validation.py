@@ -1,0 +1,70 @@
+"""Numerical checks of a candidate against a reference: max-abs-error, pooled cosine, NaN/Inf.
+
+Fidelity is measured on the calibration's held-out slice, never on the text passes calibrated on.
+The sentence embedding is pooled the way the model's sentence-transformers config says (mean by
+default), so cosine here is what a user of the embeddings would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Runner = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def hidden_states(module: torch.nn.Module) -> Runner:
+    """A runner that returns the last hidden state of a HF model or traced graph."""
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            out = module(**batch)
+        return out[0] if not isinstance(out, torch.Tensor) else out
+
+    return run
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def pooling_mode(pooling_config: dict) -> str:
+    return "cls" if pooling_config.get("pooling_mode_cls_token") else "mean"
+
+
+@dataclass
+class Comparison:
+    max_abs_error: float
+    cosine: float  # mean over texts
+    cosine_min: float
+    finite: bool
+
+    def as_dict(self) -> dict:
+        return {"max_abs_error": self.max_abs_error, "cosine": self.cosine, "cosine_min": self.cosine_min,
+                "finite": self.finite}
+
+
+def run_batches(runner: Runner, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    return [runner(batch).float() for batch in batches]
+
+
+def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], batches: list[dict[str, torch.Tensor]],
+            pooling: str = "mean") -> Comparison:
+    """Compare hidden states on real (non-padding) tokens and pooled embeddings per text."""
+    max_abs, cosines, finite = 0.0, [], True
+    for ref, cand, batch in zip(reference, candidate, batches):
+        mask = batch["attention_mask"].bool()
+        if ref.shape != cand.shape:
+            raise ValueError(f"output shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
+        finite = finite and bool(torch.isfinite(cand[mask]).all())
+        max_abs = max(max_abs, float((ref - cand)[mask].abs().max()))
+        cos = torch.nn.functional.cosine_similarity(pool(ref, batch["attention_mask"], pooling),
+                                                    pool(cand, batch["attention_mask"], pooling), dim=-1)
+        cosines.append(cos)
+    all_cos = torch.cat(cosines)
+    return Comparison(max_abs, float(all_cos.mean()), float(all_cos.min()), finite)
