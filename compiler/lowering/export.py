@@ -1,0 +1,82 @@
+"""Plain fp32 ONNX export of a (possibly rewritten) BERT graph with the dynamo exporter.
+
+The frontend hands us `ep.module()` of a `torch.export` trace; we re-export it with
+`torch.onnx.export(..., dynamo=True)` (the legacy TorchScript exporter is not used anywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch.export import Dim
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
+OPSET = 20  # first opset with a native Gelu op; ORT 1.32 supports it and fusions match it
+
+
+def _dynamic_shapes(example_inputs: dict[str, torch.Tensor]) -> dict:
+    # One Dim object per axis kind, shared by all inputs, so the exporter knows that the three
+    # inputs always agree on batch and sequence length (it then emits one symbolic dim each).
+    batch, seq = Dim("batch"), Dim("seq", max=512)
+    return {name: {0: batch, 1: seq} for name in example_inputs}
+
+
+def _ordered_inputs(example_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    missing = [n for n in INPUT_NAMES if n not in example_inputs]
+    if missing:
+        raise ValueError(f"export_onnx: example_inputs lacks {missing}; need {list(INPUT_NAMES)}")
+    # int64 ids/masks: the exported graph's inputs carry this dtype, and HF tokenizers return it.
+    return {n: example_inputs[n].to(torch.int64) for n in INPUT_NAMES}
+
+
+def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) -> ir.Model:
+    """Export to an in-memory `onnx_ir` model (fp32, exporter's own constant folding only)."""
+    kwargs = _ordered_inputs(example_inputs)
+    if not isinstance(module, torch.fx.GraphModule):
+        # A raw nn.Module must not export dropout; an exported GraphModule already baked
+        # train=False into its dropout nodes and refuses .eval().
+        module = module.eval()
+    with torch.no_grad():
+        n_out = len(_flat_outputs(module(**kwargs)))
+    # The exporter is chatty (progress lines, torchvision warnings); a compiler should not be.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=kwargs,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES[:n_out]),
+            dynamic_shapes=_dynamic_shapes(kwargs),
+            optimize=True,
+            verbose=False,
+        )
+    return program.model
+
+
+def _flat_outputs(out) -> list:
+    # HF ModelOutput / tuple / tensor -> list of tensors in the order the exporter flattens them.
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        return [t for t in out.to_tuple() if isinstance(t, torch.Tensor)]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def export_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: Path) -> Path:
+    """Plain fp32 dynamo export to `path` (single file), inputs int64 with dynamic batch & sequence."""
+    from .io import save_model
+
+    path = Path(path)
+    model = export_ir(module, example_inputs)
+    return save_model(model, path)

@@ -1,0 +1,65 @@
+"""Numerical checks of a lowered model against the PyTorch module it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import INPUT_NAMES
+
+
+def padded_batch(example_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example batch with right-padding on alternate rows, so masks are exercised."""
+    batch = {n: example_inputs[n].clone().to(torch.int64) for n in INPUT_NAMES}
+    if batch["input_ids"].shape[0] < 2:
+        batch = {n: t.repeat(2, 1) for n, t in batch.items()}
+    seq = batch["input_ids"].shape[1]
+    mask = batch["attention_mask"]
+    keep = max(1, seq // 2)
+    mask[1::2, keep:] = 0
+    batch["input_ids"][1::2, keep:] = 0
+    return batch
+
+
+def torch_outputs(module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    with torch.no_grad():
+        out = module(**inputs)
+    first = out[0] if not isinstance(out, torch.Tensor) else out
+    return first.float().numpy()
+
+
+def ort_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(path_or_session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
+    feeds = {n: inputs[n].numpy().astype(np.int64) for n in INPUT_NAMES}
+    return sess.run(None, feeds)[0]
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(np.float32)[..., None]
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
+def pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-sentence cosine of attention-mask mean-pooled embeddings."""
+    pa, pb = mean_pool(a, mask), mean_pool(b, mask)
+    return (pa * pb).sum(1) / (np.linalg.norm(pa, axis=1) * np.linalg.norm(pb, axis=1) + 1e-12)
+
+
+def max_abs_error(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    diff = np.abs(a - b)
+    if mask is not None:
+        # Padded positions' hidden states are not meaningful to anyone; compare real tokens.
+        diff = diff[mask.astype(bool)]
+    return float(diff.max())
