@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -14,7 +16,7 @@ def finalize(model: ir.Model, *, keep_metadata: bool = False) -> ir.Model:
     """Dedupe identical weights and drop unused nodes/initializers, in place."""
     # Several linears may share one tensor (tied / factorized weights); after constant folding
     # each use can end up as its own copy of identical bytes, so dedupe by content.
-    common_passes.DeduplicateInitializersPass()(model)
+    dedupe_initializers(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
     if not keep_metadata:
@@ -22,6 +24,25 @@ def finalize(model: ir.Model, *, keep_metadata: bool = False) -> ir.Model:
         # and useless at run time. Dropping it keeps the file small and reproducible anywhere.
         common_passes.ClearMetadataAndDocStringPass()(model)
     return model
+
+
+def dedupe_initializers(model: ir.Model) -> int:
+    """Point every use of a byte-identical initializer at its first copy; return #removed."""
+    # onnx_ir's own dedupe passes either skip tensors > 1 KB or choke on non-contiguous arrays
+    # (exporter constants can be transposed views), so hash the C-order bytes ourselves.
+    graph, seen, removed = model.graph, {}, 0
+    outputs = {id(v) for v in graph.outputs}
+    for name, value in list(graph.initializers.items()):
+        if value.const_value is None or id(value) in outputs or value.is_graph_input():
+            continue
+        array = value.const_value.numpy()  # tobytes() is C-order even for strided views
+        key = (str(value.const_value.dtype), array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        first = seen.setdefault(key, value)
+        if first is not value:
+            value.replace_all_uses_with(first)
+            del graph.initializers[name]
+            removed += 1
+    return removed
 
 
 def initializer_bytes(model: ir.Model) -> int:

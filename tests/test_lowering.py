@@ -1,0 +1,187 @@
+"""Fast tests of compiler.lowering on a tiny random BERT traced like the frontend does."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+from compiler.lowering import QuantizeSpec, export_onnx, lower_to_onnx
+from compiler.lowering.verify import ort_outputs, padded_batch, pooled_cosine, torch_outputs
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=512, attn_implementation="sdpa")
+    return BertModel(cfg).eval()
+
+
+def example_inputs(batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 1000, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[1, seq - 3:] = 0
+    types = torch.zeros(batch, seq, dtype=torch.int64)
+    types[:, seq // 2:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def trace(model, kw):
+    batch, seq = Dim("batch"), Dim("seq", max=512)
+    ep = torch.export.export(model, (), kwargs=kw, dynamic_shapes={k: {0: batch, 1: seq} for k in kw}, strict=False)
+    return ep.module()
+
+
+def prune_heads(model, layer: int, keep: int):
+    """Keep the first `keep` heads of one layer by shrinking its q/k/v and output linears (head_size unchanged)."""
+    att = model.encoder.layer[layer].attention
+    hs = att.self.attention_head_size
+    width = keep * hs
+    for name in ("query", "key", "value"):
+        old = getattr(att.self, name)
+        new = nn.Linear(old.in_features, width)
+        new.weight.data, new.bias.data = old.weight.data[:width].clone(), old.bias.data[:width].clone()
+        setattr(att.self, name, new)
+    dense = att.output.dense
+    new = nn.Linear(width, dense.out_features)
+    new.weight.data, new.bias.data = dense.weight.data[:, :width].clone(), dense.bias.data.clone()
+    att.output.dense = new
+    att.self.num_attention_heads, att.self.all_head_size = keep, width
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_bert()
+    kw = example_inputs()
+    return model, trace(model, kw), kw
+
+
+def _check_inputs():
+    # A different shape than the trace example: proves batch/sequence are dynamic.
+    return padded_batch(example_inputs(batch=3, seq=17))
+
+
+def test_export_matches_module(tiny, tmp_path):
+    model, gm, kw = tiny
+    path = export_onnx(gm, kw, tmp_path / "plain.onnx")
+    proto = onnx.load(path)
+    assert [i.name for i in proto.graph.input] == list(INPUTS)
+    assert [o.name for o in proto.graph.output] == ["last_hidden_state", "pooler_output"]
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.INT64 for i in proto.graph.input)
+    x = _check_inputs()
+    err = np.abs(ort_outputs(path, x) - torch_outputs(model, x))[x["attention_mask"].numpy().astype(bool)].max()
+    assert err < 1e-4
+
+
+def test_fusions_fire_and_fp32_agrees(tiny, tmp_path):
+    model, gm, kw = tiny
+    res = lower_to_onnx(gm, kw, tmp_path, quantize=None)
+    assert res.fusions.get("Attention") == 2
+    assert res.fusions.get("SkipLayerNormalization") == 4
+    assert res.fusions.get("BiasGelu") == 2
+    assert res.op_counts.get("Softmax", 0) == 0
+    assert res.fp32_max_abs_error < 1e-4
+    x = _check_inputs()
+    err = np.abs(ort_outputs(res.model_path, x) - torch_outputs(model, x))[x["attention_mask"].numpy().astype(bool)].max()
+    assert err < 1e-4
+
+
+def test_int8_quantizes_attention_not_embeddings(tiny, tmp_path):
+    model, gm, kw = tiny
+    res = lower_to_onnx(gm, kw, tmp_path, quantize=QuantizeSpec())
+    assert res.quantized.get("QAttention") == 2  # q/k/v projections are int8 too
+    assert res.quantized.get("MatMulInteger", 0) + res.quantized.get("DynamicQuantizeMatMul", 0) >= 6
+    proto = onnx.load(res.model_path)
+    init_types = {i.name: i.data_type for i in proto.graph.initializer}
+    tables = [n.input[0] for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in init_types]
+    assert len(tables) == 3  # word, position, token-type lookups
+    assert all(init_types[t] == onnx.TensorProto.FLOAT for t in tables)  # embedding tables stay fp32
+    assert not any(n.op_type.startswith("QEmbed") for n in proto.graph.node)
+    x = _check_inputs()
+    cos = pooled_cosine(ort_outputs(res.model_path, x), torch_outputs(model, x), x["attention_mask"].numpy())
+    assert cos.min() > 0.98
+
+
+def test_quantize_embeddings_when_asked(tiny, tmp_path):
+    _, gm, kw = tiny
+    res = lower_to_onnx(gm, kw, tmp_path, quantize=QuantizeSpec(exclude_embeddings=False))
+    proto = onnx.load(res.model_path)
+    init_types = {i.name: i.data_type for i in proto.graph.initializer}
+    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in init_types]
+    assert any(init_types[n.input[0]] != onnx.TensorProto.FLOAT for n in gathers)
+
+
+def test_exclude_modules_keep_fp32(tiny, tmp_path):
+    _, gm, kw = tiny
+    base = lower_to_onnx(gm, kw, tmp_path / "a", quantize=QuantizeSpec())
+    res = lower_to_onnx(gm, kw, tmp_path / "b", quantize=QuantizeSpec(
+        exclude_modules=["encoder.layer.1.output.dense", "encoder.layer.0.attention.self.query"]))
+    # layer-1 FFN output stays a float MatMul; layer-0 attention stays a float Attention (q is inside it).
+    assert res.op_counts.get("MatMul", 0) == base.op_counts.get("MatMul", 0) + 1
+    assert res.quantized["QAttention"] == base.quantized["QAttention"] - 1
+    assert res.op_counts.get("Attention") == 1
+    assert any("encoder.layer.1.output.dense" in n for n in res.notes)
+
+
+def test_different_head_counts_per_layer(tmp_path):
+    model = prune_heads(tiny_bert(seed=3), layer=0, keep=2)
+    kw = example_inputs()
+    gm = trace(model, kw)
+    for spec in (None, QuantizeSpec()):
+        res = lower_to_onnx(gm, kw, tmp_path / str(spec is None), quantize=spec)
+        x = _check_inputs()
+        got, ref = ort_outputs(res.model_path, x), torch_outputs(model, x)
+        if spec is None:
+            assert res.fp32_max_abs_error < 1e-4
+            assert np.abs(got - ref)[x["attention_mask"].numpy().astype(bool)].max() < 1e-4
+        else:
+            assert pooled_cosine(got, ref, x["attention_mask"].numpy()).min() > 0.98
+    proto = onnx.load(res.model_path)
+    heads = sorted(a.i for n in proto.graph.node if n.op_type in ("Attention", "QAttention")
+                   for a in n.attribute if a.name == "num_heads")
+    # Either fused with per-layer head counts, or (noted) left unfused for that layer.
+    assert heads == [2, 4] or any("unfused" in n for n in res.notes)
+
+
+def test_low_rank_and_shared_weights(tmp_path):
+    model = tiny_bert(seed=4)
+    ffn = model.encoder.layer[1].output
+    dense = ffn.dense
+    # rank-16 factorization of the FFN output as two linears, like a low-rank pass emits
+    u, s, vt = torch.linalg.svd(dense.weight.data, full_matrices=False)
+    first, second = nn.Linear(dense.in_features, 16, bias=False), nn.Linear(16, dense.out_features)
+    first.weight.data = (torch.diag(s[:16]) @ vt[:16]).contiguous()
+    second.weight.data, second.bias.data = u[:, :16].contiguous(), dense.bias.data.clone()
+    ffn.dense = nn.Sequential(first, second)
+    # tie layer 1's intermediate weight to layer 0's: the file must hold that tensor once
+    model.encoder.layer[1].intermediate.dense.weight = model.encoder.layer[0].intermediate.dense.weight
+    kw = example_inputs()
+    gm = trace(model, kw)
+    res = lower_to_onnx(gm, kw, tmp_path, quantize=None)
+    assert res.fp32_max_abs_error < 1e-4
+    proto = onnx.load(res.model_path)
+    digests = [hashlib.sha1(i.raw_data).hexdigest() for i in proto.graph.initializer if len(i.raw_data) > 1024]
+    assert len(digests) == len(set(digests))
+
+
+def test_deterministic_bytes(tiny, tmp_path):
+    _, gm, kw = tiny
+    digests = []
+    for run in range(2):
+        res = lower_to_onnx(gm, kw, tmp_path / str(run), quantize=QuantizeSpec())
+        digests.append(hashlib.sha256(res.model_path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
