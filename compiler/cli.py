@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -29,7 +30,7 @@ def _progress_instrument(event: str, payload: dict) -> None:
         if "max_abs_error" in checks:
             detail += f", max-abs-error {checks['max_abs_error']:.1e}"
         reason = f": {rec.reason}" if rec.reason else ""
-        console.print(f"      {rec.status}{reason} {detail} ({rec.seconds:.1f}s)")
+        console.print(f"      {rec.status}{reason} {detail} ({rec.seconds:.1f}s)", markup=False)
 
 
 def _load(recipe_path: str, model: str | None):
@@ -51,12 +52,12 @@ def cmd_compile(args) -> int:
     with console.status("working", spinner="dots") as status:
         def progress(message: str) -> None:
             status.update(message)
-            console.print(f"  {message}")
+            console.print(f"  {message}", markup=False)
         result = compile_recipe(recipe, out, allow_pickle=args.allow_pickle,
                                 instruments=[_progress_instrument], progress=progress)
     report = result.report
     if result.exit_code:
-        console.print(f"bertpress: FAILED (exit {result.exit_code}): {report['failure']['message']}")
+        console.print(f"bertpress: FAILED (exit {result.exit_code}): {report['failure']['message']}", markup=False)
         console.print(f"  report: {out / 'report.md'}")
         return result.exit_code
     final = report["final_check"]
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's own deprecation chatter (pytree specs on deepcopy) is not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Interpreter
 
 from .graph_edit import get_tensor
+from .simulation import is_simulated
 from .structure import COMPONENTS
 
 aten = torch.ops.aten
@@ -121,6 +122,8 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
             per[component]["parameters"] += count
             per[component]["bytes"] += size
             continue
+        if is_simulated(node):
+            continue  # simulation of lowering's numerics; not part of the deployed model
         node_cost = node_flops(node, values)
         flops += node_cost
         per[component]["flops"] += node_cost

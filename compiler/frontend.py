@@ -150,6 +150,8 @@ def example_inputs(tokenizer, texts: list[str] | None = None, max_length: int = 
 
 def trace(model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_length: int = 512) -> torch.fx.GraphModule:
     """Trace with torch.export (non-strict) into an aten-level GraphModule, dynamic in batch and sequence."""
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # encoders have no KV cache; decoders would return one torch.export cannot flatten
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq", max=max_length)
     dynamic = {name: {0: batch, 1: seq} for name in inputs}
@@ -162,4 +164,18 @@ def trace(model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_length: i
             field="model",
             fix="bertpress supports BERT-family encoders (BERT, MiniLM, RoBERTa-style) from transformers.",
         ) from None
-    return program.module()
+    gm = program.module()
+    _drop_inference_dropouts(gm)
+    return gm
+
+
+def _drop_inference_dropouts(gm: torch.fx.GraphModule) -> None:
+    """Remove eval-mode dropouts (identities): they are marked impure, so they would keep dead blocks alive."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.dropout.default:
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+            if train is False:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()

@@ -48,10 +48,22 @@ def _delete_attr(gm: GraphModule, target: str) -> None:
         store.pop(leaf, None)
 
 
+def _has_side_effect(node) -> bool:
+    if node.op == "call_module":
+        return True  # torch.export's input guards
+    name = str(node.target)
+    return node.op == "call_function" and ("assert" in name or "print" in name)
+
+
 def remove_dead_code(gm: GraphModule) -> int:
     """Erase nodes nothing uses (and the weights only they read); returns how many nodes went."""
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    # torch's own eliminate_dead_code keeps ops tagged nondeterministic (dropout, sdpa with its
+    # dropout_p argument) even in inference graphs, which would keep dropped blocks alive.
+    for node in reversed(list(gm.graph.nodes)):
+        if node.users or node.op in ("placeholder", "output") or _has_side_effect(node):
+            continue
+        gm.graph.erase_node(node)
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:

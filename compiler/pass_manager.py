@@ -211,6 +211,6 @@ class PassCheckFailed(CheckFailed):
         self.record = record
         self.records = records
         self.state = state
-        super().__init__(f"passes[{record.index}] {record.name} was rolled back: {record.reason}.",
+        super().__init__(f"{record.name} was rolled back: {record.reason}.",
                          field=f"passes[{record.index}]",
                          fix="relax the recipe's budget, make the pass less aggressive, or set on_fail: skip on it.")

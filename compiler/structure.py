@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import UnsupportedModelError
+from .simulation import is_simulated
 
 aten = torch.ops.aten
 _PASSTHROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default}
@@ -132,7 +133,8 @@ def _attr(gm: GraphModule, target: str) -> torch.Tensor:
 
 
 def _skip_back(node: Node, ops: set) -> Node:
-    while isinstance(node, Node) and node.op == "call_function" and node.target in ops:
+    """Walk up through the given ops and through simulated ops (which stand for their input)."""
+    while isinstance(node, Node) and node.op == "call_function" and (node.target in ops or is_simulated(node)):
         node = node.args[0]
     return node
 
@@ -149,11 +151,19 @@ def _forward_through(node: Node, ops: set) -> Node:
         node = nxt[0]
 
 
+def _forward_simulated(node: Node) -> list[Node]:
+    """Users of a node, looking through simulated ops inserted between it and its consumers."""
+    found = []
+    for user in node.users:
+        found += _forward_simulated(user) if is_simulated(user) else [user]
+    return found
+
+
 def _linear(node: Node) -> Linear | None:
     if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.linear.default):
         return None
-    weight = node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else None
+    weight = _skip_back(node.args[1], set())
+    bias = _skip_back(node.args[2], set()) if len(node.args) > 2 else None
     if not (isinstance(weight, Node) and weight.op == "get_attr"):
         return None
     bias_target = bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
@@ -194,7 +204,7 @@ def _attention_block(core: Node, gm: GraphModule) -> tuple[Attention, Node, Node
     if q is None or k is None or v is None:
         return None
     out_node = _forward_through(core, _RESHAPES)
-    outs = [_linear(user) for user in out_node.users]
+    outs = [_linear(user) for user in _forward_simulated(out_node)]
     outs = [o for o in outs if o is not None]
     if len(outs) != 1:
         return None
@@ -203,7 +213,7 @@ def _attention_block(core: Node, gm: GraphModule) -> tuple[Attention, Node, Node
         return None
     heads = int(_attr(gm, q.weight).shape[0]) // head_size
     prefix = _common_prefix([q.module, k.module, v.module])
-    return Attention(q, k, v, outs[0], core, head_size, heads, prefix), q.node.args[0], outs[0].node
+    return Attention(q, k, v, outs[0], core, head_size, heads, prefix), _skip_back(q.node.args[0], set()), outs[0].node
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -244,14 +254,14 @@ def analyze(gm: GraphModule) -> BertStructure:
                 field="model", fix="bertpress supports post-layer-norm BERT encoders.",
             )
         attention_norm = after_attn[1]
-        ups = [_linear(u) for u in attention_norm.users]
+        ups = [_linear(u) for u in _forward_simulated(attention_norm)]
         ups = [u for u in ups if u is not None]
         if len(ups) != 1:
             raise UnsupportedModelError(f"no feed-forward input linear after layer norm {attention_norm.name}.",
                                         field="model", fix="bertpress supports BERT-style feed-forward blocks.")
         up = ups[0]
         acts = _users(up.node, _ACTS)
-        downs = [_linear(u) for u in acts[0].users] if len(acts) == 1 else []
+        downs = [_linear(u) for u in _forward_simulated(acts[0])] if len(acts) == 1 else []
         downs = [d for d in downs if d is not None]
         after_ffn = _residual_norm(downs[0].node) if len(downs) == 1 else None
         if after_ffn is None or after_ffn[0] is not attention_norm:
@@ -319,7 +329,7 @@ def classify_nodes(gm: GraphModule, structure: BertStructure) -> dict[Node, str]
         component[layer.ffn.down.node] = "feed-forward"
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            users = list(node.users)
+            users = _forward_simulated(node)
             if users and users[0] in component:
                 component[node] = component[users[0]]
         component.setdefault(node, "other")

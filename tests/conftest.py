@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random BERT saved as a real HF folder, and the real MiniLM."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler.frontend import example_inputs, load_model, resolve_model_path, trace
+
+MINILM = "builtin:minilm-l6"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, intermediate: int = 64,
+                   seed: int = 0) -> Path:
+    """A random BertModel with MiniLM's tokenizer (so real text tokenizes), saved as safetensors."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, max_position_embeddings=128)
+    model = BertModel(config).eval()
+    with torch.no_grad():  # random init has tiny biases; make every parameter matter for the checks
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    source = resolve_model_path(MINILM)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture()
+def tiny_gm(tiny):
+    return trace(tiny.model, example_inputs(tiny.tokenizer), max_length=tiny.max_length)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load_model(MINILM)
+
+
+@pytest.fixture()
+def minilm_gm(minilm):
+    return trace(minilm.model, example_inputs(minilm.tokenizer), max_length=minilm.max_length)
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,64 @@
+"""Calibration text: builtin corpora, files, held-out slice, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from compiler.calibration import load_texts, prepare_calibration, python_docs_texts
+from compiler.errors import CalibrationError
+
+
+def test_builtin_corpus_is_real_python_documentation():
+    texts = python_docs_texts()
+    assert len(texts) > 1000
+    assert any("exception" in t for t in texts)
+    assert all(len(t.split()) >= 6 for t in texts)
+
+
+def test_heldout_slice_is_disjoint_from_calibration(tiny):
+    data = prepare_calibration(tiny.tokenizer, source="builtin", samples=64, validation_samples=16, max_length=32,
+                               batch_size=8, seed=3, model_max_length=128)
+    assert len(data.texts) == 64 and len(data.heldout_texts) == 16
+    assert not set(data.texts) & set(data.heldout_texts)
+    assert sum(b["input_ids"].shape[0] for b in data.heldout_batches) == 16
+
+
+def test_sampling_is_seeded(tiny):
+    kwargs = dict(source="builtin", samples=16, validation_samples=8, max_length=32, batch_size=8, model_max_length=128)
+    a = prepare_calibration(tiny.tokenizer, seed=1, **kwargs)
+    b = prepare_calibration(tiny.tokenizer, seed=1, **kwargs)
+    c = prepare_calibration(tiny.tokenizer, seed=2, **kwargs)
+    assert a.texts == b.texts and a.texts != c.texts
+
+
+def test_txt_and_jsonl_files_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("first text here\n\nsecond text here\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "third"}\n{"text": "fourth"}\n')
+    assert load_texts(str(tmp_path / "a.txt")) == ["first text here", "second text here"]
+    assert load_texts(str(tmp_path / "b.jsonl")) == ["third", "fourth"]
+    assert len(load_texts(str(tmp_path))) == 4
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"\n\n", "no texts"),
+    ("latin.txt", "caf\xe9 cr\xe8me\n".encode("latin-1"), "not UTF-8"),
+    ("bad.jsonl", b'{"text": 1}\n', "no string field 'text'"),
+    ("data.csv", b"a,b\n", "only .txt and .jsonl"),
+])
+def test_bad_calibration_files_name_the_problem(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CalibrationError, match=message) as info:
+        load_texts(str(tmp_path / name))
+    assert "calibration.texts" in info.value.render()
+
+
+def test_long_texts_are_truncated_and_counted(tiny):
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "long.txt").write_text("\n".join(f"text {i} " + "word " * 300 for i in range(40)))
+    data = prepare_calibration(tiny.tokenizer, source=str(folder / "long.txt"), samples=16, validation_samples=8,
+                               max_length=64, batch_size=8, seed=0, model_max_length=128)
+    assert data.truncated == 24
+    assert max(b["input_ids"].shape[1] for b in data.batches) == 64
