@@ -61,3 +61,11 @@ def test_minilm_drop_two_layers_matches_hf_without_them(minilm, minilm_gm):
     batch = _batch(minilm.tokenizer)
     expected = hidden_states(_without_layers(minilm.model, {1, 4}))(batch)
     assert torch.allclose(hidden_states(result.graph_module)(batch), expected, atol=1e-4)
+
+
+def test_count_drops_the_block_whose_removal_costs_least_on_calibration_text(tiny, tiny_gm):
+    result = run_pass("layer-drop", {"count": 1}, tiny_gm, tiny)
+    (step,) = result.details["importance"]
+    scores = {int(k): v for k, v in step["candidates"].items()}
+    assert result.details["dropped"] == [max(scores, key=scores.get)]
+    assert len(analyze(result.graph_module).layers) == 1

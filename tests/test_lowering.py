@@ -45,6 +45,14 @@ def trace(model, kw):
     return ep.module()
 
 
+def embedding_tables(proto) -> dict[str, int]:
+    """Embedding table initializer -> dtype, whether looked up by Gathers or a (Q)EmbedLayerNormalization."""
+    init_types = {i.name: i.data_type for i in proto.graph.initializer}
+    names = [n.input[0] for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in init_types]
+    names += [x for n in proto.graph.node if n.op_type.endswith("EmbedLayerNormalization") for x in n.input[2:5]]
+    return {x: init_types[x] for x in names if x in init_types}
+
+
 def prune_heads(model, layer: int, keep: int):
     """Keep the first `keep` heads of one layer by shrinking its q/k/v and output linears (head_size unchanged)."""
     att = model.encoder.layer[layer].attention
@@ -93,6 +101,7 @@ def test_fusions_fire_and_fp32_agrees(tiny, tmp_path):
     assert res.fusions.get("Attention") == 2
     assert res.fusions.get("SkipLayerNormalization") == 4
     assert res.fusions.get("BiasGelu") == 2
+    assert res.fusions.get("EmbedLayerNormalization") == 1
     assert res.op_counts.get("Softmax", 0) == 0
     assert res.fp32_max_abs_error < 1e-4
     x = _check_inputs()
@@ -106,11 +115,10 @@ def test_int8_quantizes_attention_not_embeddings(tiny, tmp_path):
     assert res.quantized.get("QAttention") == 2  # q/k/v projections are int8 too
     assert res.quantized.get("MatMulInteger", 0) + res.quantized.get("DynamicQuantizeMatMul", 0) >= 6
     proto = onnx.load(res.model_path)
-    init_types = {i.name: i.data_type for i in proto.graph.initializer}
-    tables = [n.input[0] for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in init_types]
+    tables = embedding_tables(proto)
     assert len(tables) == 3  # word, position, token-type lookups
-    assert all(init_types[t] == onnx.TensorProto.FLOAT for t in tables)  # embedding tables stay fp32
-    assert not any(n.op_type.startswith("QEmbed") for n in proto.graph.node)
+    assert all(dtype == onnx.TensorProto.FLOAT for dtype in tables.values())  # embedding tables stay fp32
+    assert not any(n.op_type.startswith("QEmbed") or n.op_type == "DequantizeLinear" for n in proto.graph.node)
     x = _check_inputs()
     cos = pooled_cosine(ort_outputs(res.model_path, x), torch_outputs(model, x), x["attention_mask"].numpy())
     assert cos.min() > 0.98
@@ -119,10 +127,9 @@ def test_int8_quantizes_attention_not_embeddings(tiny, tmp_path):
 def test_quantize_embeddings_when_asked(tiny, tmp_path):
     _, gm, kw = tiny
     res = lower_to_onnx(gm, kw, tmp_path, quantize=QuantizeSpec(exclude_embeddings=False))
-    proto = onnx.load(res.model_path)
-    init_types = {i.name: i.data_type for i in proto.graph.initializer}
-    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in init_types]
-    assert any(init_types[n.input[0]] != onnx.TensorProto.FLOAT for n in gathers)
+    tables = embedding_tables(onnx.load(res.model_path))
+    assert any(dtype != onnx.TensorProto.FLOAT for dtype in tables.values())
+    assert res.quantized.get("QEmbedLayerNormalization") == 1
 
 
 def test_exclude_modules_keep_fp32(tiny, tmp_path):
