@@ -53,14 +53,16 @@ def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[s
         notes.append(f"fusions: {leftover} attention layer(s) left unfused (onnxscript did not match them); "
                      "their q/k/v/out linears are still plain MatMuls and quantize as such")
     if pack:
+        # Our own rewrites (see packed_attention.py / embed.py); `pack=False` is the conservative
+        # fallback that keeps only onnxscript's fusions.
         packed, pack_notes = pack_attention(model)
         notes.extend(pack_notes)
         if packed:
             notes.append(f"attention: {packed} Attention node(s) rewritten to packed QKV weight + 2-D mask_index "
                          "(QAttention-quantizable)")
-    n_embed, embed_note = fuse_embed_layer_norm(model)
-    if embed_note:
-        notes.append(embed_note)
+        _, embed_note = fuse_embed_layer_norm(model)
+        if embed_note:
+            notes.append(embed_note)
     common_passes.RemoveUnusedNodesPass()(model)
     # Unique node names: quantize_dynamic's nodes_to_exclude addresses nodes by name.
     common_passes.NameFixPass()(model)
@@ -96,8 +98,8 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
         if error > FP32_TOLERANCE:
             notes.append(f"verify: WARNING error above {FP32_TOLERANCE:g}")
         elif fuse and not pack:
-            notes.append("attention: packed/mask_index rewrite failed verification; kept onnxscript's Attention "
-                         "(attention_bias form) which the quantizer leaves fp32")
+            notes.append("attention: packed/mask_index + EmbedLayerNormalization rewrites failed verification; kept "
+                         "onnxscript's Attention (attention_bias form, which the quantizer leaves fp32)")
 
         if fp16:
             _to_fp16(fp32_path, final)
