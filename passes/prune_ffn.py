@@ -1,0 +1,115 @@
+"""prune-ffn: remove intermediate neurons of each feed-forward block by importance.
+
+Rewrites the FFN's up projection (drops output rows and bias entries of removed neurons) and down
+projection (drops the matching input columns), so parameters, bytes and FLOPs really drop. Lossy,
+except when every neuron is kept (then exact, checked by the pass manager to 1e-4). Importance is
+``l1`` (weight norms, no data) or ``activation`` (mean |activation| on calibration text times the
+down column's norm). Needs the BERT structure and, for ``activation`` or bias compensation, the
+calibration batches.
+
+Bias compensation: a removed neuron's mean activation on calibration text, pushed through its down
+column, is added to the down projection's bias, so the layer's average output does not shift.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from compiler import importance as imp
+from compiler.graph_edit import get_tensor, set_parameter, slice_parameter
+from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+
+
+class PruneFfnConfig(PassConfig):
+    keep: int | list[int] | None = Field(
+        None, description="Neurons kept per layer: one number for every layer, or a list with one entry per layer.")
+    keep_fraction: float | None = Field(None, gt=0.0, le=1.0, description="Share of each layer's neurons kept.")
+    importance: Literal["l1", "activation"] = Field(
+        "activation", description="l1: up-row + down-column weight norm; activation: mean |activation| on"
+        " calibration text times the down column's norm.")
+    compensate_bias: bool = Field(
+        True, description="Fold each removed neuron's mean calibration output into the down projection's bias.")
+    calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.keep is None) == (self.keep_fraction is None):
+            raise ValueError("give exactly one of keep or keep_fraction")
+        if isinstance(self.keep, int) and self.keep < 1:
+            raise ValueError("keep must be >= 1")
+        if isinstance(self.keep, list) and (not self.keep or min(self.keep) < 1):
+            raise ValueError("keep lists one count >= 1 per layer")
+        return self
+
+
+@register_pass
+class PruneFfn(Pass):
+    """Remove feed-forward neurons (up rows and down columns) by importance."""
+
+    name = "prune-ffn"
+    Config = PruneFfnConfig
+    kind = "lossy"
+    must_run_before = ("low-rank", "share-layers")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._kept_everything = False
+
+    def is_exact(self) -> bool:
+        return self.config.keep_fraction == 1.0 or self._kept_everything
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        structure = ctx.structure(gm)
+        layers = structure.layers
+        if isinstance(cfg.keep, list) and len(cfg.keep) != len(layers):
+            raise self.refuse(f"keep lists {len(cfg.keep)} counts but the model has {len(layers)} layers.",
+                              fix=f"give one count per layer ({len(layers)}) or a single number.")
+        wanted = []
+        for layer in layers:
+            size = layer.ffn.intermediate
+            n = (cfg.keep[layer.index] if isinstance(cfg.keep, list) else cfg.keep) if cfg.keep is not None \
+                else max(1, round(cfg.keep_fraction * size))
+            if n > size:
+                raise self.refuse(f"keep asks for {n} neurons in layer {layer.index}, whose FFN has {size}.",
+                                  fix=f"keep at most {size} neurons per layer.")
+            wanted.append(n)
+        seen: dict[str, int] = {}
+        for layer in layers:
+            for target in (layer.ffn.up.weight, layer.ffn.down.weight):
+                if seen.setdefault(target, layer.index) != layer.index:
+                    raise self.refuse(f"layers {seen[target]} and {layer.index} share the weight {target}.",
+                                      fix="run prune-ffn before share-layers.")
+
+        self._kept_everything = all(n == l.ffn.intermediate for n, l in zip(wanted, layers))
+        batches = ctx.calibration.batches[:cfg.calibration_batches]
+        stats = None
+        if cfg.importance == "activation" or (cfg.compensate_bias and not self._kept_everything):
+            stats = imp.neuron_activations(gm, structure, batches)
+        scores = stats.scores if cfg.importance == "activation" else imp.neuron_l1(gm, structure)
+
+        report = []
+        for layer, n in zip(layers, wanted):
+            ffn = layer.ffn
+            order = torch.argsort(scores[layer.index], descending=True)
+            keep = torch.sort(order[:n]).values
+            removed = torch.sort(order[n:]).values
+            if cfg.compensate_bias and len(removed) and ffn.down.bias is not None:
+                down = get_tensor(gm, ffn.down.weight).detach()
+                shift = down[:, removed] @ stats.mean_activation[layer.index][removed]
+                set_parameter(gm, ffn.down.bias, get_tensor(gm, ffn.down.bias).detach() + shift)
+            slice_parameter(gm, ffn.up.weight, 0, keep)
+            if ffn.up.bias is not None:
+                slice_parameter(gm, ffn.up.bias, 0, keep)
+            slice_parameter(gm, ffn.down.weight, 1, keep)
+            kept_scores = scores[layer.index][keep]
+            report.append({"layer": layer.index, "neurons_before": ffn.intermediate, "neurons_after": n,
+                           "kept_score_share": round(float(kept_scores.sum() / scores[layer.index].sum().clamp_min(1e-12)), 4)})
+        gm.recompile()
+        details = {"importance": cfg.importance, "neurons_before": sum(l.ffn.intermediate for l in layers),
+                   "neurons_after": sum(wanted), "layers": report,
+                   "bias_compensated": cfg.compensate_bias and not self._kept_everything}
+        return PassResult(gm, modified=True, details=details)

@@ -1,0 +1,143 @@
+"""prune-heads: remove whole attention heads, scored by weight L1, gradient sensitivity or attention entropy.
+
+Rewrites each layer's q/k/v projections (drops the output rows of removed heads) and the attention
+output projection (drops the matching input columns). The q/k/v views are [B, S, -1, head_size],
+so the head count follows from the new weight widths and layers may end with different counts.
+Parameters, bytes and FLOPs really drop. Lossy, except when every head is kept (then it is exact
+and the pass manager checks it to 1e-4). Needs the BERT structure; the data-driven importances
+(``gradient``, ``entropy``) and the bias compensation use the calibration batches and the reference.
+
+Bias compensation: a removed head's mean output on calibration text is folded into the output
+projection's bias, so the residual stream keeps its average instead of shifting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from compiler import importance as imp
+from compiler.graph_edit import get_tensor, set_parameter, slice_parameter
+from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+
+
+class PruneHeadsConfig(PassConfig):
+    keep: int | list[int] | None = Field(
+        None, description="Heads kept per layer: one number for every layer, or a list with one entry per layer.")
+    keep_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="Share of all heads kept, ranked globally across layers (with min_per_layer).")
+    min_per_layer: int = Field(1, ge=1, description="Floor of heads kept in any layer when keep_fraction ranks globally.")
+    importance: Literal["l1", "gradient", "entropy"] = Field(
+        "gradient", description="l1: weight norm; gradient: fidelity-loss sensitivity to a head mask (Michel et al."
+        " 2019) on calibration text; entropy: attention entropy on calibration text (diffuse heads go first).")
+    compensate_bias: bool = Field(
+        True, description="Fold each removed head's mean calibration output into the output projection's bias.")
+    calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.keep is None) == (self.keep_fraction is None):
+            raise ValueError("give exactly one of keep or keep_fraction")
+        if isinstance(self.keep, int) and self.keep < 1:
+            raise ValueError("keep must be >= 1 (a layer cannot lose every head)")
+        if isinstance(self.keep, list) and (not self.keep or min(self.keep) < 1):
+            raise ValueError("keep lists one count >= 1 per layer")
+        return self
+
+
+def choose_heads(scores: list[torch.Tensor], cfg: PruneHeadsConfig) -> list[list[int]]:
+    """Indices (ascending) of the heads kept in each layer."""
+    counts = [len(s) for s in scores]
+    if cfg.keep_fraction is not None:
+        total = max(round(cfg.keep_fraction * sum(counts)), 0)
+        floors = [min(cfg.min_per_layer, c) for c in counts]
+        kept = [set(torch.argsort(s, descending=True)[:f].tolist()) for s, f in zip(scores, floors)]
+        ranked = sorted(((float(s[h]), i, h) for i, s in enumerate(scores) for h in range(len(s))
+                         if h not in kept[i]), reverse=True)
+        for _, i, h in ranked[:max(total - sum(floors), 0)]:
+            kept[i].add(h)
+        return [sorted(k) for k in kept]
+    wanted = cfg.keep if isinstance(cfg.keep, list) else [cfg.keep] * len(scores)
+    return [sorted(torch.argsort(s, descending=True)[:n].tolist()) for s, n in zip(scores, wanted)]
+
+
+@register_pass
+class PruneHeads(Pass):
+    """Remove whole attention heads (q/k/v rows and output columns) by importance."""
+
+    name = "prune-heads"
+    Config = PruneHeadsConfig
+    kind = "lossy"
+    must_run_before = ("low-rank", "share-layers")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._kept_everything = False
+
+    def is_exact(self) -> bool:
+        return self.config.keep_fraction == 1.0 or self._kept_everything
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        structure = ctx.structure(gm)
+        layers = structure.layers
+        if isinstance(cfg.keep, list) and len(cfg.keep) != len(layers):
+            raise self.refuse(f"keep lists {len(cfg.keep)} counts but the model has {len(layers)} layers.",
+                              fix=f"give one count per layer ({len(layers)}) or a single number.")
+        for layer in layers:
+            heads = layer.attention.num_heads
+            wanted = cfg.keep[layer.index] if isinstance(cfg.keep, list) else cfg.keep
+            if wanted is not None and wanted > heads:
+                raise self.refuse(f"keep asks for {wanted} heads in layer {layer.index}, which has {heads}.",
+                                  fix=f"keep at most {heads} heads per layer.")
+        _refuse_shared_weights(self, structure)
+
+        batches = ctx.calibration.batches[:cfg.calibration_batches]
+        if cfg.importance == "l1":
+            scores = imp.head_l1(gm, structure)
+        elif cfg.importance == "entropy":
+            scores = imp.head_entropy(gm, structure, batches)
+        else:
+            scores = imp.head_gradient(gm, structure, batches, ctx.reference, seed=ctx.seed)
+        kept = choose_heads(scores, cfg)
+        self._kept_everything = all(len(k) == l.attention.num_heads for k, l in zip(kept, layers))
+        means = imp.head_mean_outputs(gm, structure, batches) if cfg.compensate_bias and not self._kept_everything else None
+
+        report = []
+        for layer, keep in zip(layers, kept):
+            a = layer.attention
+            size = a.head_size
+            removed = [h for h in range(a.num_heads) if h not in keep]
+            if means is not None and removed and a.output.bias is not None:
+                out_weight = get_tensor(gm, a.output.weight).detach()
+                blocks = torch.cat([torch.arange(h * size, (h + 1) * size) for h in removed])
+                shift = out_weight[:, blocks] @ means[layer.index][removed].reshape(-1)
+                set_parameter(gm, a.output.bias, get_tensor(gm, a.output.bias).detach() + shift)
+            rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in keep])
+            for lin in (a.query, a.key, a.value):
+                slice_parameter(gm, lin.weight, 0, rows)
+                if lin.bias is not None:
+                    slice_parameter(gm, lin.bias, 0, rows)
+            slice_parameter(gm, a.output.weight, 1, rows)
+            report.append({"layer": layer.index, "heads_before": a.num_heads, "kept": keep, "removed": removed,
+                           "scores": [round(float(s), 6) for s in scores[layer.index]]})
+        gm.recompile()
+        details = {"importance": cfg.importance, "heads_before": sum(l.attention.num_heads for l in layers),
+                   "heads_after": sum(len(k) for k in kept), "layers": report,
+                   "bias_compensated": means is not None}
+        # Keeping every head still re-materializes the weights: the manager checks it as an exact rewrite.
+        return PassResult(gm, modified=True, details=details)
+
+
+def _refuse_shared_weights(pass_: Pass, structure) -> None:
+    seen: dict[str, int] = {}
+    for layer in structure.layers:
+        a = layer.attention
+        for lin in (a.query, a.key, a.value, a.output):
+            other = seen.setdefault(lin.weight, layer.index)
+            if other != layer.index:
+                raise pass_.refuse(f"layers {other} and {layer.index} share the weight {lin.weight}; removing heads"
+                                   " from one would change the other.",
+                                   fix="run prune-heads before share-layers.")
