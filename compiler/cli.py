@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     except BertpressError as error:
         console.print(f"bertpress: error: {error.render()}", markup=False)
         return error.exit_code
+    except OSError as error:  # full disk, read-only or vanished output folder: the staging folder is already gone
+        where = f" ({error.filename})" if error.filename else ""
+        console.print(f"bertpress: error: cannot write the output{where}: {error.strerror or error}. Nothing was written."
+                      " Fix: free disk space or choose a writable --out.", markup=False)
+        return 2
     except KeyboardInterrupt:
         console.print("bertpress: interrupted; no output was written.")
         return 130

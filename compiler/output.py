@@ -21,7 +21,8 @@ def staging_dir(target: Path):
     parent = target.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+        _remove_abandoned(parent, target.name)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise BertpressError(f"cannot create the output folder next to {target}: {exc.strerror}.",
                              field="--out", fix="choose a writable location for --out.") from None
@@ -30,6 +31,24 @@ def staging_dir(target: Path):
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Delete staging folders left by compiles that were killed (their process no longer exists)."""
+    for leftover in parent.glob(f".{name}.partial-*"):
+        pid = leftover.name.split("partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def commit(staging: Path, target: Path) -> None:
