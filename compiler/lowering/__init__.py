@@ -94,7 +94,7 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
                 break
             # Our mask_index rewrite assumes BERT's key-padding mask; if the graph disagrees,
             # fall back to onnxscript's own Attention (correct, but its q/k/v stay fp32 under int8).
-        notes.append(f"verify: fused fp32 graph vs PyTorch max abs error {error:.2e} on a padded batch")
+        notes.append(f"verify: fp32 {'fused ' if fuse else ''}graph vs PyTorch max abs error {error:.2e} on a padded batch")
         if error > FP32_TOLERANCE:
             notes.append(f"verify: WARNING error above {FP32_TOLERANCE:g}")
         elif fuse and not pack:
