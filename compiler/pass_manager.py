@@ -19,7 +19,7 @@ import torch
 
 from . import cost_model
 from .calibration import CalibrationData
-from .errors import BertpressError, CheckFailed
+from .errors import BertpressError, CheckFailed, PassRefused
 from .pass_infra import Pass, PassContext, get_pass
 from .recipe import Recipe
 from .structure import BertStructure, analyze
@@ -134,11 +134,16 @@ class PassManager:
         snapshot = copy.deepcopy(state.gm)
         ctx = PassContext(structure_of=self.structures, calibration=self.calibration, reference=self.reference,
                           tokenizer=self.tokenizer, model_config=self.model_config,
-                          lowering=copy.deepcopy(state.lowering), seed=self.recipe.file.calibration.seed)
+                          lowering=copy.deepcopy(state.lowering), seed=self.recipe.file.calibration.seed,
+                          base_dir=self.recipe.base_dir,
+                          progress=lambda **info: self.emit("pass_progress", name=instance.name, **info))
         try:
             result = instance.run(state.gm, ctx)
+        except PassRefused as refusal:  # the user's to fix (a config this model cannot take): exit 2
+            raise PassRefused(refusal.message, file=self.recipe.source, field=f"passes[{record.index}].{record.name}",
+                              fix=refusal.fix) from None
         except BertpressError:
-            raise  # a refusal is the user's to fix (bad config for this model): exit 2
+            raise
         except Exception as exc:  # a bug or numerical blow-up inside the pass: roll back, report by name
             self.structures.invalidate()
             return self._roll_back(record, snapshot, state,
@@ -182,6 +187,13 @@ class PassManager:
                 return self._roll_back(
                     record, snapshot, state,
                     f"fidelity budget broken: held-out mean cosine {against_reference.cosine:.4f} < {budget.min}")
+            if instance.heals:
+                before = self.fidelity(state.outputs).cosine
+                record.checks["cosine_before"] = round(before, 6)
+                if against_reference.cosine < before:
+                    return self._roll_back(
+                        record, snapshot, state,
+                        f"a healing pass lowered fidelity: held-out mean cosine {before:.4f} -> {against_reference.cosine:.4f}")
         record.status = "applied"
         record.cost_after = self.cost(candidate).as_dict()
         return candidate
