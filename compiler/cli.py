@@ -20,13 +20,33 @@ from .errors import BertpressError
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_bar: dict = {}  # the live progress bar of a long pass (e.g. distill), while it runs
+
+
 def _progress_instrument(event: str, payload: dict) -> None:
     if event == "pass_start":
         console.print(f"  [{payload['index'] + 1}/{payload['total']}] {payload['name']} ...")
+    elif event == "pass_progress":
+        if not _bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            _bar["progress"] = Progress(TextColumn("      {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                        console=console, transient=True)
+            _bar["progress"].start()
+            _bar["task"] = _bar["progress"].add_task(payload["name"], total=payload.get("total"), info="")
+        info = "  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in payload.items() if key not in ("name", "step", "total"))
+        _bar["progress"].update(_bar["task"], completed=payload.get("step", 0), info=info)
     elif event == "pass_end":
+        if _bar:
+            _bar.pop("progress").stop()
+            _bar.clear()
         rec = payload["record"]
         checks = rec.checks
         detail = f"cosine {checks['cosine']:.4f}" if "cosine" in checks else ""
+        if "cosine_before" in checks:
+            detail = f"cosine {checks['cosine_before']:.4f} -> {checks['cosine']:.4f}"
         if "max_abs_error" in checks:
             detail += f", max-abs-error {checks['max_abs_error']:.1e}"
         reason = f": {rec.reason}" if rec.reason else ""
@@ -54,8 +74,12 @@ def cmd_compile(args) -> int:
             status.update(message)
             console.print(f"  {message}", markup=False)
         result = compile_recipe(recipe, out, allow_pickle=args.allow_pickle,
-                                instruments=[_progress_instrument], progress=progress)
+                                instruments=[_progress_instrument], progress=progress, force=args.force)
     report = result.report
+    if result.up_to_date:
+        console.print(f"bertpress: {out} is up to date (same model, recipe, calibration text and versions;"
+                      f" cache key {report['cache']['key'][:12]}); nothing to do. Use --force to rebuild.", markup=False)
+        return 0
     if result.exit_code:
         console.print(f"bertpress: FAILED (exit {result.exit_code}): {report['failure']['message']}", markup=False)
         console.print(f"  report: {out / 'report.md'}")
@@ -81,6 +105,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
+    if args.report:
+        from .report_schema import report_json_schema_text
+
+        print(report_json_schema_text(), end="")
+        return 0
     from .recipe import recipe_json_schema
 
     print(json.dumps(recipe_json_schema(), indent=2))
@@ -95,13 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the recipe's model (a local folder or builtin:minilm-l6)")
     p.add_argument("--out", help="output folder (default out/<recipe name>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for trusted models")
+    p.add_argument("--force", action="store_true", help="rebuild even if the output folder is up to date")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("validate", help="check a recipe without compiling it")
     p.add_argument("recipe")
     p.add_argument("--model", help="override the recipe's model")
     p.add_argument("--print", action="store_true", help="print the normalized recipe as JSON")
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("schema", help="print the JSON Schema of recipe files")
+    p = sub.add_parser("schema", help="print the JSON Schema of recipe files (or, with --report, of report.json)")
+    p.add_argument("--report", action="store_true", help="print the JSON Schema of report.json instead")
     p.set_defaults(func=cmd_schema)
     return parser
 

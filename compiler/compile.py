@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, cost_model, report as report_io
+from . import __version__, cache as build_cache, cost_model, report as report_io
 from .calibration import prepare_calibration
 from .errors import CheckFailed
 from .frontend import CARRIED_FILES, LoadedModel, example_inputs, load_model, trace
@@ -34,6 +34,7 @@ class CompileResult:
     exit_code: int
     report: dict[str, Any]
     out_dir: Path
+    up_to_date: bool = False  # nothing was rebuilt: out_dir already held this exact build
 
 
 def _carry_files(loaded: LoadedModel, folder: Path, structure_summary: dict) -> None:
@@ -65,13 +66,19 @@ def _quantize_spec(hints: dict):
 
 
 def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False, instruments=None,
-                   progress=None) -> CompileResult:
+                   progress=None, force: bool = False) -> CompileResult:
     from .lowering import lower_to_onnx
 
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     settings = recipe.file
+    # Checked before any model is loaded, so an unchanged build step costs a hash of the inputs.
+    cache_inputs = build_cache.cache_inputs(recipe)
+    key = build_cache.cache_key(cache_inputs)
+    previous = None if force else build_cache.up_to_date(Path(out_dir), key)
+    if previous is not None:
+        return CompileResult(0, previous, Path(out_dir), up_to_date=True)
     say(f"loading {settings.model}")
     loaded = load_model(settings.model, allow_pickle=allow_pickle)
     cal = settings.calibration
@@ -98,6 +105,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         "calibration": {"source": cal.texts, "texts": len(calibration.texts), "heldout_texts": len(calibration.heldout_texts),
                         "truncated_texts": calibration.truncated},
         "passes": [], "lowering": None, "final_check": None, "failure": None,
+        "cache": {"key": key, "inputs": cache_inputs},
     }
     manager = PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config, pooling, instruments)
     point = settings.cost
