@@ -31,7 +31,9 @@ class PruneFfnConfig(PassConfig):
         "activation", description="l1: up-row + down-column weight norm; activation: mean |activation| on"
         " calibration text times the down column's norm.")
     compensate_bias: bool = Field(
-        True, description="Fold each removed neuron's mean calibration output into the down projection's bias.")
+        True, description="Fold each removed neuron's mean calibration output into the down projection's bias"
+        " (with activation importance it raised MiniLM's held-out cosine at 1024 neurons, 0.812 -> 0.824;"
+        " with l1 importance it lowered it).")
     calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
 
     @model_validator(mode="after")

@@ -7,8 +7,8 @@ Parameters, bytes and FLOPs really drop. Lossy, except when every head is kept (
 and the pass manager checks it to 1e-4). Needs the BERT structure; the data-driven importances
 (``gradient``, ``entropy``) and the bias compensation use the calibration batches and the reference.
 
-Bias compensation: a removed head's mean output on calibration text is folded into the output
-projection's bias, so the residual stream keeps its average instead of shifting.
+Bias compensation (opt-in): a removed head's mean output on calibration text is folded into the
+output projection's bias. Measured on MiniLM it did not help on held-out text of another domain.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class PruneHeadsConfig(PassConfig):
         "gradient", description="l1: weight norm; gradient: fidelity-loss sensitivity to a head mask (Michel et al."
         " 2019) on calibration text; entropy: attention entropy on calibration text (diffuse heads go first).")
     compensate_bias: bool = Field(
-        True, description="Fold each removed head's mean calibration output into the output projection's bias.")
+        False, description="Fold each removed head's mean calibration output into the output projection's bias"
+        " (off by default: on MiniLM it lowered held-out WordNet cosine, 0.8725 -> 0.8596 at 8 heads).")
     calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
 
     @model_validator(mode="after")
