@@ -164,25 +164,33 @@ def test_different_head_counts_per_layer(tmp_path):
     assert heads == [2, 4] or any("unfused" in n for n in res.notes)
 
 
+def low_rank(linear: nn.Linear, rank: int) -> nn.Sequential:
+    """A linear factorized as two linears (no bias, then bias), like a low-rank pass emits."""
+    u, s, vt = torch.linalg.svd(linear.weight.data, full_matrices=False)
+    first, second = nn.Linear(linear.in_features, rank, bias=False), nn.Linear(rank, linear.out_features)
+    first.weight.data = (torch.diag(s[:rank]) @ vt[:rank]).contiguous()
+    second.weight.data, second.bias.data = u[:, :rank].contiguous(), linear.bias.data.clone()
+    return nn.Sequential(first, second)
+
+
 def test_low_rank_and_shared_weights(tmp_path):
     model = tiny_bert(seed=4)
-    ffn = model.encoder.layer[1].output
-    dense = ffn.dense
-    # rank-16 factorization of the FFN output as two linears, like a low-rank pass emits
-    u, s, vt = torch.linalg.svd(dense.weight.data, full_matrices=False)
-    first, second = nn.Linear(dense.in_features, 16, bias=False), nn.Linear(16, dense.out_features)
-    first.weight.data = (torch.diag(s[:16]) @ vt[:16]).contiguous()
-    second.weight.data, second.bias.data = u[:, :16].contiguous(), dense.bias.data.clone()
-    ffn.dense = nn.Sequential(first, second)
+    model.encoder.layer[1].output.dense = low_rank(model.encoder.layer[1].output.dense, 16)
+    # a low-rank query cannot be packed into QKV: that layer must still lower (MultiHeadAttention)
+    model.encoder.layer[0].attention.self.query = low_rank(model.encoder.layer[0].attention.self.query, 8)
     # tie layer 1's intermediate weight to layer 0's: the file must hold that tensor once
     model.encoder.layer[1].intermediate.dense.weight = model.encoder.layer[0].intermediate.dense.weight
     kw = example_inputs()
     gm = trace(model, kw)
-    res = lower_to_onnx(gm, kw, tmp_path, quantize=None)
+    res = lower_to_onnx(gm, kw, tmp_path / "fp32", quantize=None)
     assert res.fp32_max_abs_error < 1e-4
     proto = onnx.load(res.model_path)
     digests = [hashlib.sha1(i.raw_data).hexdigest() for i in proto.graph.initializer if len(i.raw_data) > 1024]
     assert len(digests) == len(set(digests))
+    res = lower_to_onnx(gm, kw, tmp_path / "int8", quantize=QuantizeSpec())
+    assert res.quantized.get("QAttention") == 1 and res.lowered_min_cosine > 0.98
+    x = _check_inputs()
+    assert pooled_cosine(ort_outputs(res.model_path, x), torch_outputs(model, x), x["attention_mask"].numpy()).min() > 0.98
 
 
 def test_deterministic_bytes(tiny, tmp_path):

@@ -35,7 +35,7 @@ class LoweringResult:
     quantized: dict[str, int]  # quantized op type -> count
     notes: list[str] = field(default_factory=list)
     fp32_max_abs_error: float | None = None  # fused fp32 graph vs PyTorch, real tokens
-    int8_min_cosine: float | None = None  # quantized vs PyTorch, mean-pooled, worst sentence
+    lowered_min_cosine: float | None = None  # int8/fp16 model vs PyTorch, mean-pooled, worst sentence
 
 
 def _softmax_count(model: ir.Model) -> int:
@@ -123,7 +123,7 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
     )
     if quantize is not None or fp16:
         cos = verify.pooled_cosine(verify.ort_outputs(final, check_inputs), reference, mask)
-        result.int8_min_cosine = float(cos.min())
+        result.lowered_min_cosine = float(cos.min())
         result.notes.append(f"verify: lowered model vs PyTorch mean-pooled cosine min {cos.min():.5f} "
                             f"mean {cos.mean():.5f} on the example batch")
         if quantize is not None:
@@ -131,6 +131,12 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
                             and n.inputs[1] is not None and n.inputs[1].const_value is not None)
             if fp32_left:
                 result.notes.append(f"quantize: {fp32_left} weight MatMul(s) left fp32 (excluded or not quantizable)")
+            if result.op_counts.get("Attention"):
+                result.notes.append(f"quantize: {result.op_counts['Attention']} Attention node(s) left fp32 "
+                                    "(excluded, or not in QAttention form)")
+            if result.op_counts.get("MultiHeadAttention"):
+                result.notes.append(f"quantize: {result.op_counts['MultiHeadAttention']} layer(s) use MultiHeadAttention "
+                                    "(q/k/v not packable, e.g. low-rank); their q/k/v MatMuls are quantized separately")
     return result
 
 

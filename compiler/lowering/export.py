@@ -6,15 +6,13 @@ The frontend hands us `ep.module()` of a `torch.export` trace; we re-export it w
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import onnx_ir as ir
 import torch
 from torch.export import Dim
+
+from .quiet import quiet
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
@@ -45,10 +43,7 @@ def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) 
         module = module.eval()
     with torch.no_grad():
         n_out = len(_flat_outputs(module(**kwargs)))
-    # The exporter is chatty (progress lines, torchvision warnings); a compiler should not be.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with quiet():
         program = torch.onnx.export(
             module,
             (),

@@ -8,11 +8,11 @@ the follow-up rewrites that make the result quantizable live in `packed_attentio
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+from .quiet import quiet
 
 MS_DOMAIN = "com.microsoft"
 # Quantized contrib ops are the same fusion after quantization; fold them onto their base name
@@ -23,7 +23,7 @@ _QUANT_BASE = {"QAttention": "Attention", "QEmbedLayerNormalization": "EmbedLaye
 def run_ort_fusions(model: ir.Model) -> dict[str, int]:
     """Apply onnxscript's ORT fusions in place; return onnxscript's own (non-zero) rule counts."""
     # optimize_for_ort prints pattern-matcher chatter on some failures; keep stdout clean.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet():
         _, counts = optimize_for_ort(model)
     return {k: v for k, v in counts.items() if v}
 

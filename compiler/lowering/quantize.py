@@ -8,13 +8,12 @@ exporter's node metadata, so callers can say "keep encoder.layer.5.output.dense 
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
+
+from .quiet import quiet
 
 # Ops the quantizer emits; counted as "quantized" in the result.
 QUANT_OPS = ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -87,8 +86,7 @@ def quantize_file(src: Path, dst: Path, spec: QuantizeSpec, nodes_to_exclude: li
 
     if spec.weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"QuantizeSpec.weight_dtype must be 'int8' or 'uint8', got {spec.weight_dtype!r}")
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet():
         quantize_dynamic(
             model_input=str(src),
             model_output=str(dst),
