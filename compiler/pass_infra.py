@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -96,6 +97,8 @@ class Pass:
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _BUILTINS_LOADED = False
+# What a pass may list in ``requires``: the analyses and data a PassContext hands it.
+ANALYSES = ("structure", "calibration", "reference", "tokenizer")
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -105,6 +108,15 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__qualname__} must set a string class attribute 'name' to be registered")
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, PassConfig)):
         raise TypeError(f"{cls.__qualname__}.Config must subclass bertpress PassConfig")
+    if cls.kind not in ("exact", "lossy"):
+        raise TypeError(f"{cls.__qualname__}.kind must be 'exact' or 'lossy', got {cls.kind!r}")
+    for attribute in ("must_run_before", "must_run_after", "requires"):
+        value = getattr(cls, attribute)
+        if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+            raise TypeError(f"{cls.__qualname__}.{attribute} must be a tuple of names, got {value!r}")
+    unknown = sorted(set(cls.requires) - set(ANALYSES))
+    if unknown:
+        raise TypeError(f"{cls.__qualname__}.requires names unknown analyses {unknown}; available: {list(ANALYSES)}")
     existing = _REGISTRY.get(name)
     if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
         raise TypeError(f"pass name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
@@ -119,11 +131,36 @@ def _load_builtins() -> None:
     _BUILTINS_LOADED = True
     importlib.import_module("passes")
     for entry in importlib.metadata.entry_points(group="bertpress.passes"):
-        entry.load()
+        try:
+            loaded = entry.load()
+        except Exception as exc:  # one broken plugin must not take every recipe down with it
+            warnings.warn(f"bertpress: skipped the pass plugin {entry.name!r} ({entry.value}) from the"
+                          f" 'bertpress.passes' entry points: {type(exc).__name__}: {exc}", stacklevel=2)
+            continue
+        # Importing the module usually registered it (@register_pass); an undecorated class is registered here.
+        if isinstance(loaded, type) and issubclass(loaded, Pass) and getattr(loaded, "name", None) not in _REGISTRY:
+            register_pass(loaded)
+
+
+def pass_function(name: str, *, kind: Literal["exact", "lossy"] = "lossy", config: type[PassConfig] = PassConfig,
+                  must_run_before: tuple[str, ...] = (), must_run_after: tuple[str, ...] = (),
+                  requires: tuple[str, ...] = ("structure",)) -> Callable:
+    """Register ``fn(gm, ctx, config) -> PassResult`` as a pass: the function form of a :class:`Pass`."""
+
+    def wrap(fn: Callable[[torch.fx.GraphModule, PassContext, PassConfig], PassResult]) -> type[Pass]:
+        def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+            return fn(gm, ctx, self.config)
+
+        attributes = {"name": name, "kind": kind, "Config": config, "must_run_before": tuple(must_run_before),
+                      "must_run_after": tuple(must_run_after), "requires": tuple(requires), "run": run,
+                      "__doc__": fn.__doc__, "__module__": fn.__module__, "__qualname__": fn.__qualname__}
+        return register_pass(type(fn.__name__, (Pass,), attributes))
+
+    return wrap
 
 
 def load_plugins(modules: list[str], *, file: str | None = None) -> None:
-    """Import the plugin modules a recipe names explicitly (plugins never load implicitly)."""
+    """Import the plugin modules a recipe names (packages without a ``bertpress.passes`` entry point)."""
     for index, module in enumerate(modules):
         try:
             importlib.import_module(module)

@@ -178,36 +178,42 @@ def parse_step(item: Any, index: int, file: str) -> PassStep:
 
 
 def _check_order(steps: list[PassStep], file: str) -> None:
-    """Check the passes' declared ordering constraints against the recipe's order, as a graph."""
+    """Check the passes' declared ordering constraints as a graph: first against each other, then the recipe's order.
+
+    A constraint only applies when both passes are in the recipe ("quantize after pruning, if you prune").
+    """
     import networkx as nx
 
-    graph = nx.DiGraph()
-    positions: dict[str, list[int]] = {}
-    for index, step in enumerate(steps):
-        positions.setdefault(step.name, []).append(index)
-        graph.add_node(index)
-    for index, step in enumerate(steps):
-        cls = get_pass(step.name)
+    present = sorted({step.name for step in steps})
+    before = nx.DiGraph()  # edge a -> b: a must run before b; "by" is the pass that declared it
+    for name in present:
+        cls = get_pass(name)
         for later in cls.must_run_before:
-            for other in positions.get(later, []):
-                if other < index:
-                    raise RecipeError(
-                        f"{step.name!r} must run before {later!r}, but passes[{other}] ({later}) comes first.",
-                        file=file, field=f"passes[{index}]", fix=f"move {step.name!r} above {later!r}.",
-                    )
-                graph.add_edge(index, other)
+            if later in present and later != name:
+                before.add_edge(name, later, by=name)
         for earlier in cls.must_run_after:
-            for other in positions.get(earlier, []):
-                if other > index:
-                    raise RecipeError(
-                        f"{step.name!r} must run after {earlier!r}, but passes[{other}] ({earlier}) comes later.",
-                        file=file, field=f"passes[{index}]", fix=f"move {step.name!r} below {earlier!r}.",
-                    )
-                graph.add_edge(other, index)
-    if not nx.is_directed_acyclic_graph(graph):
-        cycle = nx.find_cycle(graph)
-        raise RecipeError(f"the passes' ordering constraints form a cycle: {cycle}.", file=file, field="passes",
-                          fix="remove one of the conflicting passes.")
+            if earlier in present and earlier != name:
+                before.add_edge(earlier, name, by=name)
+    try:
+        cycle = nx.find_cycle(before)
+    except nx.NetworkXNoCycle:
+        cycle = []
+    if cycle:
+        rules = "; ".join(f"{before.edges[a, b]['by']!r} says {a!r} must run before {b!r}" for a, b in cycle)
+        names = " and ".join(repr(a) for a, _ in cycle)
+        raise RecipeError(
+            f"the ordering constraints of {names} contradict each other ({rules}), so no order of these passes works.",
+            file=file, field="passes", fix="remove one of them from the recipe (or fix the plugin that declares the constraint).",
+        )
+    for index, step in enumerate(steps):
+        for earlier_index, earlier in enumerate(steps[:index]):
+            if before.has_edge(step.name, earlier.name):
+                declared = before.edges[step.name, earlier.name]["by"]
+                raise RecipeError(
+                    f"{step.name!r} must run before {earlier.name!r} ({declared!r} declares it), but"
+                    f" passes[{earlier_index}] ({earlier.name}) comes first.",
+                    file=file, field=f"passes[{index}]", fix=f"move {step.name!r} above {earlier.name!r}.",
+                )
 
 
 def load_recipe_text(text: str, *, file: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
