@@ -59,6 +59,11 @@ class PassContext:
     model_config: Any
     lowering: dict[str, Any]  # hints accumulated by earlier passes (read-only for passes)
     seed: int = 0
+    # Where relative text paths in a pass's config resolve (the recipe's folder).
+    base_dir: Any = None
+    # Long passes report progress (step=, total=, and what they track) here; the manager forwards it
+    # to its instruments as a 'pass_progress' event, so a pass never draws anything itself.
+    progress: Callable[..., None] = lambda **_: None
 
     def structure(self, gm: torch.fx.GraphModule) -> "BertStructure":
         return self.structure_of(gm)
@@ -80,6 +85,9 @@ class Pass:
     must_run_after: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ("structure",)
     summary: ClassVar[str] = ""
+    # A healing pass (distill) exists to raise fidelity: the manager rolls it back if held-out
+    # fidelity ends lower than before it, even when the budget still holds.
+    heals: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         self.config = config

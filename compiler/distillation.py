@@ -1,0 +1,195 @@
+"""Knowledge-distillation machinery: probe graphs, transfer losses, the LR schedule, training text.
+
+A *probe* is a copy of a traced graph whose output is extended with what distillation compares:
+every layer's output (the residual stream after its last layer norm) and every attention op's
+query, key and mask inputs. It shares its parameters with the graph it was copied from, so
+training the probe trains that graph; no hooks are needed and the graph itself is never edited.
+
+Attention distributions are recomputed from the query/key inputs (softmax(q k^T * scale + mask))
+because the fused scaled_dot_product_attention op never materializes them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from .calibration import tokenize_batches
+from .simulation import is_simulated
+from .structure import BertStructure
+from .validation import pool
+
+
+def _straight_through_weight_int8(weight: torch.Tensor) -> torch.Tensor:
+    from passes.quantize_linear import fake_quant_weight_int8
+
+    return weight + (fake_quant_weight_int8(weight) - weight).detach()
+
+
+def _straight_through_activation_uint8(x: torch.Tensor) -> torch.Tensor:
+    from passes.quantize_linear import fake_quant_activation_uint8
+
+    return x + (fake_quant_activation_uint8(x) - x).detach()
+
+
+def _straight_through_table_int8(weight: torch.Tensor) -> torch.Tensor:
+    from passes.quantize_linear import fake_quant_table_int8
+
+    return weight + (fake_quant_table_int8(weight) - weight).detach()
+
+
+def _straight_through_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
+
+
+def straight_through_of(fn):
+    """The straight-through-estimator twin of a simulated op: its value forward, identity gradient back.
+
+    Rounding has zero gradient almost everywhere, so training through the simulated op itself
+    would freeze every parameter upstream of it.
+    """
+    from passes import quantize_linear as q
+
+    return {q.fake_quant_weight_int8: _straight_through_weight_int8,
+            q.fake_quant_activation_uint8: _straight_through_activation_uint8,
+            q.fake_quant_table_int8: _straight_through_table_int8,
+            q.fake_fp16: _straight_through_fp16}.get(fn)
+
+
+@dataclass
+class ProbeLayer:
+    heads: int
+    scale: float
+
+
+def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears: bool = False,
+                training: bool = False) -> tuple[GraphModule, list[ProbeLayer]]:
+    """Copy ``gm``'s graph with layer outputs and attention q/k/mask as outputs (parameters shared).
+
+    ``training`` swaps simulated ops for their straight-through twins; ``fake_quant_linears``
+    additionally simulates int8 on every linear that is not simulated yet (quantization-aware training).
+    """
+    graph = Graph()
+    mapping: dict[Node, Node] = {}
+    graph.graph_copy(gm.graph, mapping)
+    if training:
+        for node in list(graph.nodes):
+            twin = straight_through_of(node.target) if is_simulated(node) else None
+            if twin is not None:
+                node.target = twin
+    if fake_quant_linears:
+        for linear in structure.linears:
+            node = mapping[linear.node]
+            x, weight = node.args[0], node.args[1]
+            with graph.inserting_before(node):
+                if not _is_quantized(x):
+                    x = graph.call_function(_straight_through_activation_uint8, (x,))
+                if not _is_quantized(weight):
+                    weight = graph.call_function(_straight_through_weight_int8, (weight,))
+            node.args = (x, weight, *node.args[2:])
+    layers, queries, keys, masks = [], [], [], []
+    info = []
+    for layer in structure.layers:
+        core = layer.attention.core
+        layers.append(mapping[layer.output])
+        queries.append(mapping[core.args[0]])
+        keys.append(mapping[core.args[1]])
+        mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+        masks.append(mapping[mask] if isinstance(mask, Node) else None)
+        scale = core.kwargs.get("scale") or 1.0 / math.sqrt(layer.attention.head_size)
+        info.append(ProbeLayer(layer.attention.num_heads, float(scale)))
+    graph.output({"layers": layers, "queries": queries, "keys": keys, "masks": masks})
+    graph.lint()
+    return GraphModule(gm, graph), info
+
+
+def _is_quantized(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and (
+        is_simulated(node) or node.target in (_straight_through_weight_int8, _straight_through_activation_uint8))
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """TinyBERT's uniform map: student layer j reads teacher layer floor((j+1)*T/S)-1; top maps to top."""
+    return [(j + 1) * teacher_layers // student_layers - 1 for j in range(student_layers)]
+
+
+def attention_log_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return torch.log_softmax(scores, dim=-1)
+
+
+def attention_kl(teacher_log: torch.Tensor, student_log: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per query over keys, averaged over heads and real query tokens.
+
+    When the head counts differ (pruned heads), both sides are averaged over heads first: the
+    distribution of "where does this layer look", which does not depend on which heads survived.
+    """
+    if teacher_log.shape[1] != student_log.shape[1]:
+        teacher_log = teacher_log.exp().mean(1, keepdim=True).clamp(min=1e-12).log()
+        student_log = student_log.exp().mean(1, keepdim=True).clamp(min=1e-12).log()
+    keys = token_mask[:, None, None, :].bool()
+    # Padded keys have probability 0 on both sides; zero their logs so 0 * (-inf - -inf) never appears.
+    difference = torch.where(keys, teacher_log - student_log, torch.zeros_like(teacher_log))
+    per_query = (teacher_log.exp() * difference).sum(-1)  # [batch, heads, queries]
+    queries = token_mask[:, None, :].to(per_query.dtype).expand_as(per_query)
+    return (per_query * queries).sum() / queries.sum().clamp(min=1.0)
+
+
+def hidden_mse(teacher: torch.Tensor, student: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    per_token = (teacher - student).pow(2).mean(-1)
+    weights = token_mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def output_loss(teacher_last: torch.Tensor, student_last: torch.Tensor, token_mask: torch.Tensor,
+                kind: str, pooling: str) -> torch.Tensor:
+    t = pool(teacher_last, token_mask, pooling)
+    s = pool(student_last, token_mask, pooling)
+    if kind == "cosine":
+        return (1.0 - torch.nn.functional.cosine_similarity(t, s, dim=-1)).mean()
+    return (t - s).pow(2).mean()
+
+
+def lr_lambda(steps: int, warmup: float, schedule: str):
+    """Linear warmup over the first ``warmup`` fraction of steps, then constant, linear or cosine decay to 0."""
+    warm = max(int(round(steps * warmup)), 0)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(steps - warm, 1)
+        if schedule == "linear":
+            return max(1.0 - progress, 0.0)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+class TextStream:
+    """Seeded, reshuffled-every-epoch batches of training texts, tokenized on demand."""
+
+    def __init__(self, texts: list[str], tokenizer, batch_size: int, max_length: int, seed: int):
+        self.texts = texts
+        self.tokenizer = tokenizer
+        self.batch_size = min(batch_size, len(texts))
+        self.max_length = max_length
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.epochs = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if len(self.order) < self.batch_size:
+            order = list(range(len(self.texts)))
+            self.rng.shuffle(order)
+            self.order += order
+            self.epochs += 1
+        picked, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return tokenize_batches(self.tokenizer, [self.texts[i] for i in picked], self.max_length, self.batch_size)[0]

@@ -1,0 +1,230 @@
+"""distill: train the compressed graph (student) to match the uncompressed reference (teacher).
+
+Lossy (it changes weights), but it exists to *recover* fidelity that earlier lossy passes
+(layer-drop, head pruning, quantization) gave up; the pass manager rolls it back if held-out
+fidelity ends up lower than before it. It rewrites no nodes: it trains the graph's parameters in
+place on unlabeled text, with three weighted losses:
+
+- output: 1 - cosine (or MSE) of the pooled sentence embedding, student vs teacher;
+- hidden: per-layer MSE of the residual stream (MobileBERT/TinyBERT feature-map transfer); student
+  layer j is compared with the teacher layer given by ``layer_map`` (uniform by default, or the
+  layer it was kept from, found by the structure analysis of both graphs);
+- attention: KL between teacher and student attention distributions, recomputed from each
+  attention op's query/key inputs (the fused op never materializes them); when heads were pruned
+  both sides are averaged over heads.
+
+Needs: the structure analysis, the reference model (traced here once as the teacher), the
+tokenizer, and training text: the calibration texts, or ``texts``/``samples`` loaded with
+``compiler.calibration.load_texts`` with the held-out validation texts removed. ``qat: true``
+trains through simulated int8 linears (straight-through estimator) so a later quantize-linear
+loses less; simulated ops already in the graph are always trained straight-through.
+Deterministic for a given seed on CPU (seeded shuffling, no dropout, no other randomness).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compiler import distillation as kd
+from compiler.calibration import load_texts, tokenize_batches
+from compiler.frontend import example_inputs, trace
+from compiler.graph_edit import get_tensor, set_parameter
+from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.structure import analyze
+from compiler.validation import pool
+
+
+class LossWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: float = Field(1.0, ge=0.0, description="Weight of the pooled-embedding loss (see output_loss).")
+    hidden: float = Field(1.0, ge=0.0, description="Weight of the per-layer hidden-state MSE (layer outputs, mapped by layer_map).")
+    attention: float = Field(1.0, ge=0.0, description="Weight of the attention-distribution KL (teacher || student), mapped by layer_map.")
+
+
+class DistillConfig(PassConfig):
+    steps: int = Field(300, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Texts per step.")
+    max_length: int = Field(64, ge=8, le=4096, description="Tokens per training text (longer ones are truncated).")
+    lr: float = Field(5e-4, gt=0.0, le=1.0, description="Peak learning rate of AdamW.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup (to 0 for linear/cosine).")
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of steps with linear warmup from 0 to lr.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay on weight matrices (not biases or norms).")
+    clip: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
+    seed: int | None = Field(None, ge=0, description="Seed of text sampling and shuffling (default: the calibration seed).")
+    train: Literal["all", "no-embeddings"] = Field("all", description="Which parameters train; no-embeddings freezes the lookup tables and their layer norm.")
+    losses: LossWeights = Field(LossWeights(), description="Weights of the output, hidden-state and attention losses.")
+    output_loss: Literal["cosine", "mse"] = Field("cosine", description="Pooled-embedding loss: 1 - cosine, or MSE.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="How the sentence embedding is pooled (match the model's sentence-transformers config).")
+    layer_map: Literal["uniform", "kept"] | list[int] = Field(
+        "uniform",
+        description="Teacher layer each student layer is compared with: 'uniform' (student j -> teacher floor((j+1)T/S)-1),"
+        " 'kept' (the layer it was kept from when blocks were dropped) or explicit teacher indices, one per student layer.",
+    )
+    texts: str | None = Field(None, description="Training text source (as calibration.texts: builtin, builtin:wordnet, a .txt/.jsonl file or folder); default: the calibration texts. Held-out validation texts are always removed.")
+    samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`.")
+    qat: bool = Field(False, description="Train with int8-simulated linears (straight-through), for a quantize-linear that comes after distill.")
+    monitor_every: int = Field(50, ge=1, description="Steps between fidelity measurements on a monitor slice of the training texts.")
+
+    @field_validator("layer_map")
+    @classmethod
+    def _indices(cls, value):
+        if isinstance(value, list) and any(i < 0 for i in value):
+            raise ValueError("teacher layer indices are >= 0")
+        return value
+
+
+MONITOR_TEXTS = 64
+
+
+@register_pass
+class Distill(Pass):
+    """Train the compressed graph to match the uncompressed reference (knowledge distillation)."""
+
+    name = "distill"
+    Config = DistillConfig
+    kind = "lossy"
+    heals = True
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        seed = ctx.seed if cfg.seed is None else cfg.seed
+        structure = ctx.structure(gm)
+        teacher_gm = trace(ctx.reference, example_inputs(ctx.tokenizer),
+                           max_length=int(getattr(ctx.model_config, "max_position_embeddings", 512)))
+        teacher_structure = analyze(teacher_gm)
+        layer_map = self._layer_map(structure, teacher_structure)
+
+        texts, source = self._training_texts(ctx, seed)
+        monitor, texts = texts[:MONITOR_TEXTS], texts[MONITOR_TEXTS:]
+        stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed)
+        monitor_batches = tokenize_batches(ctx.tokenizer, monitor, cfg.max_length, cfg.batch_size)
+
+        trained = self._trainable(gm, structure)
+        # The traced graph's untouched parameters are the reference model's own tensors (torch.export
+        # does not copy them); training them in place would train the teacher too.
+        for name in trained:
+            set_parameter(gm, name, get_tensor(gm, name))
+        teacher, teacher_info = kd.build_probe(teacher_gm, teacher_structure)
+        student, student_info = kd.build_probe(gm, structure, fake_quant_linears=cfg.qat, training=True)
+        flags = {name: p.requires_grad for name, p in gm.named_parameters()}
+        try:
+            for name, param in gm.named_parameters():
+                param.requires_grad_(name in trained)
+            history = self._train(student, student_info, teacher, teacher_info, layer_map, stream,
+                                  monitor_batches, [p for n, p in gm.named_parameters() if n in trained], ctx)
+        finally:
+            for name, param in gm.named_parameters():
+                param.requires_grad_(flags[name])
+        details = {"texts": source, "training_texts": len(texts), "epochs": stream.epochs, "layer_map": layer_map,
+                   "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
+                   "student_heads": [i.heads for i in student_info], "qat": cfg.qat, **history}
+        return PassResult(gm, modified=True, details=details)
+
+    def _layer_map(self, student, teacher) -> list[int]:
+        cfg = self.config
+        count, teacher_count = len(student.layers), len(teacher.layers)
+        if cfg.layer_map == "uniform":
+            return kd.uniform_layer_map(count, teacher_count)
+        if cfg.layer_map == "kept":
+            # Blocks keep the module path they were traced from, so provenance is an exact match.
+            origin = {layer.module: layer.index for layer in teacher.layers}
+            missing = [layer.index for layer in student.layers if layer.module not in origin]
+            if missing:
+                raise self.refuse(f"student layer {missing[0]} does not come from any teacher layer, so layer_map: kept"
+                                  " cannot pair them.", fix="use layer_map: uniform or explicit teacher indices.")
+            return [origin[layer.module] for layer in student.layers]
+        if len(cfg.layer_map) != count or max(cfg.layer_map) >= teacher_count:
+            raise self.refuse(f"layer_map has {len(cfg.layer_map)} entries (max {max(cfg.layer_map)}) but the student has"
+                              f" {count} layers and the teacher {teacher_count} (0-{teacher_count - 1}).",
+                              fix=f"give {count} teacher indices between 0 and {teacher_count - 1}.")
+        return list(cfg.layer_map)
+
+    def _training_texts(self, ctx: PassContext, seed: int) -> tuple[list[str], str]:
+        cfg = self.config
+        heldout = set(ctx.calibration.heldout_texts)
+        if cfg.texts is None:
+            texts = [t for t in ctx.calibration.texts if t not in heldout]
+            source = "calibration"
+        else:
+            pool_ = [t for t in dict.fromkeys(load_texts(cfg.texts, ctx.base_dir)) if t not in heldout]
+            texts = random.Random(seed).sample(pool_, min(cfg.samples, len(pool_)))
+            source = cfg.texts
+        if len(texts) < MONITOR_TEXTS + 8:
+            raise self.refuse(f"only {len(texts)} training texts (after removing held-out ones); distillation needs at"
+                              f" least {MONITOR_TEXTS + 8} ({MONITOR_TEXTS} are kept apart to monitor fidelity).",
+                              fix="raise calibration.samples or give distill a larger `texts` source.")
+        return texts, source
+
+    def _trainable(self, gm: torch.fx.GraphModule, structure) -> set[str]:
+        params = dict(gm.named_parameters())
+        frozen = set()
+        if self.config.train == "no-embeddings":
+            frozen = {n.target for n, part in structure.node_component.items()
+                      if n.op == "get_attr" and part == "embeddings"}
+        return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in params and n.target not in frozen}
+
+    def _train(self, student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches, params, ctx):
+        cfg = self.config
+        weights = cfg.losses
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kd.lr_lambda(cfg.steps, cfg.warmup, cfg.schedule))
+        with torch.no_grad():
+            monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling) for b in monitor_batches]
+
+        def monitor_cosine() -> float:
+            with torch.no_grad():
+                cosines = [torch.nn.functional.cosine_similarity(
+                    target, pool(student(**b)["layers"][-1], b["attention_mask"], cfg.pooling), dim=-1)
+                    for b, target in zip(monitor_batches, monitor_targets)]
+            return float(torch.cat(cosines).mean())
+
+        report = ctx.progress
+        first = monitor_cosine()
+        curve = [{"step": 0, "monitor_cosine": round(first, 4)}]
+        started = time.perf_counter()
+        running = None
+        fidelity = first
+        for step in range(1, cfg.steps + 1):
+            batch = stream.next()
+            mask = batch["attention_mask"]
+            with torch.no_grad():
+                t = teacher(**batch)
+            s = student(**batch)
+            terms = {}
+            if weights.output:
+                terms["output"] = kd.output_loss(t["layers"][-1], s["layers"][-1], mask, cfg.output_loss, cfg.pooling)
+            if weights.hidden:
+                terms["hidden"] = sum(kd.hidden_mse(t["layers"][m], s["layers"][j], mask)
+                                      for j, m in enumerate(layer_map)) / len(layer_map)
+            if weights.attention:
+                terms["attention"] = sum(
+                    kd.attention_kl(
+                        kd.attention_log_probs(t["queries"][m], t["keys"][m], t["masks"][m], teacher_info[m].scale),
+                        kd.attention_log_probs(s["queries"][j], s["keys"][j], s["masks"][j], student_info[j].scale),
+                        mask)
+                    for j, m in enumerate(layer_map)) / len(layer_map)
+            loss = sum(getattr(weights, name) * value for name, value in terms.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.9 * running + 0.1 * value
+            if step % cfg.monitor_every == 0 or step == cfg.steps:
+                fidelity = monitor_cosine()
+                curve.append({"step": step, "loss": round(running, 5), "monitor_cosine": round(fidelity, 4),
+                              **{name: round(float(v.detach()), 5) for name, v in terms.items()}})
+            report(step=step, total=cfg.steps, loss=running, fidelity=fidelity)
+        seconds = time.perf_counter() - started
+        return {"steps": cfg.steps, "seconds": round(seconds, 1), "seconds_per_step": round(seconds / cfg.steps, 3),
+                "monitor_cosine_before": round(first, 4), "monitor_cosine_after": round(fidelity, 4), "curve": curve}

@@ -1,0 +1,234 @@
+"""distill: trains the compressed graph toward the reference, deterministically, without touching the teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compiler import distillation as kd
+from compiler.errors import PassRefused
+from compiler.frontend import example_inputs, trace
+from compiler.pass_manager import PassCheckFailed, PassManager
+from compiler.recipe import load_recipe_text
+from compiler.structure import analyze
+from compiler.validation import compare, hidden_states, run_batches
+from tests.conftest import make_tiny_bert
+from tests.helpers import calibration_for, run_pass
+
+FAST = {"steps": 30, "batch_size": 8, "max_length": 32, "lr": 2e-3, "monitor_every": 10}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models are dominated by thread hand-offs; one thread keeps these tests at seconds on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    from compiler.frontend import load_model
+
+    return load_model(str(make_tiny_bert(tmp_path_factory.mktemp("tiny3"), layers=3, seed=1)))
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny3):
+    return calibration_for(tiny3, samples=128, validation=16)
+
+
+def _gm(loaded):
+    return trace(loaded.model, example_inputs(loaded.tokenizer), max_length=loaded.max_length)
+
+
+def _heldout_cosine(gm, loaded, calibration):
+    batches = calibration.heldout_batches
+    return compare(run_batches(hidden_states(loaded.model), batches), run_batches(hidden_states(gm), batches), batches).cosine
+
+
+def _dropped(loaded, calibration, layers=(1,)):
+    gm = _gm(loaded)
+    run_pass("layer-drop", {"layers": list(layers)}, gm, loaded, calibration)
+    return gm
+
+
+def test_distill_recovers_held_out_fidelity_lost_by_layer_drop(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    before = _heldout_cosine(gm, tiny3, calibration)
+    result = run_pass("distill", FAST, gm, tiny3, calibration)
+    after = _heldout_cosine(result.graph_module, tiny3, calibration)
+    assert result.modified and result.details["layer_map"] == [0, 2]
+    assert 1 - after < 0.5 * (1 - before), (before, after)
+    assert len(analyze(result.graph_module).layers) == 2  # trains weights, rewrites no structure
+    assert result.details["monitor_cosine_after"] > result.details["monitor_cosine_before"]
+
+
+def test_distill_is_deterministic_for_a_seed(tiny3, calibration):
+    first, second = _dropped(tiny3, calibration), _dropped(tiny3, calibration)
+    options = {**FAST, "steps": 8, "seed": 3}
+    run_pass("distill", options, first, tiny3, calibration)
+    run_pass("distill", options, second, tiny3, calibration)
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_distill_never_changes_the_reference_and_restores_requires_grad(tiny3, calibration):
+    reference = {name: p.detach().clone() for name, p in tiny3.model.named_parameters()}
+    gm = _dropped(tiny3, calibration)
+    run_pass("distill", {**FAST, "steps": 5}, gm, tiny3, calibration)
+    for name, param in tiny3.model.named_parameters():
+        assert torch.equal(param, reference[name]), name
+    assert not any(p.requires_grad for p in gm.parameters())
+
+
+def test_no_embeddings_freezes_the_lookup_tables_and_trains_the_rest(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    structure = analyze(gm)
+    table, first_query = structure.embeddings.word_weight, structure.layers[0].attention.query.weight
+    before = {name: p.detach().clone() for name, p in gm.named_parameters()}
+    run_pass("distill", {**FAST, "steps": 5, "train": "no-embeddings"}, gm, tiny3, calibration)
+    params = dict(gm.named_parameters())
+    assert torch.equal(params[table], before[table])
+    assert not torch.equal(params[first_query], before[first_query])
+
+
+def test_attention_recomputed_from_query_and_key_reproduces_the_fused_op(tiny3):
+    gm = _gm(tiny3)
+    structure = analyze(gm)
+    probe, info = kd.build_probe(gm, structure)
+    batch = dict(tiny3.tokenizer(["a padded sentence that is somewhat longer", "short"], padding=True,
+                                 return_tensors="pt"))
+    with torch.no_grad():
+        out = probe(**batch)
+        core = structure.layers[0].attention.core
+        log_probs = kd.attention_log_probs(out["queries"][0], out["keys"][0], out["masks"][0], info[0].scale)
+        values_probe = torch.fx.GraphModule(gm, _graph_returning(gm, core.args[2]))(**batch)
+        fused = torch.nn.functional.scaled_dot_product_attention(
+            out["queries"][0], out["keys"][0], values_probe, attn_mask=out["masks"][0], scale=info[0].scale)
+    assert torch.allclose(log_probs.exp() @ values_probe, fused, atol=1e-5)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(()), atol=1e-5)
+
+
+def _graph_returning(gm, node):
+    graph = torch.fx.Graph()
+    mapping = {}
+    graph.graph_copy(gm.graph, mapping)
+    graph.output(mapping[node])
+    return graph
+
+
+def test_attention_kl_is_zero_for_equal_distributions_and_averages_heads_when_counts_differ():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    teacher = kd.attention_log_probs(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8),
+                                     mask[:, None, None, :].bool().expand(1, 1, 4, 4), 0.35)
+    assert float(kd.attention_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+    # Two student heads equal to the teacher's head-average: the head-averaged KL is zero.
+    average = teacher.exp().mean(1, keepdim=True).log()
+    assert float(kd.attention_kl(teacher, average.expand(1, 2, 4, 4), mask)) == pytest.approx(0.0, abs=1e-5)
+    assert float(kd.attention_kl(teacher, teacher.flip(1), mask)) > 0.0
+
+
+def test_uniform_layer_map_spreads_student_layers_and_keeps_the_top():
+    assert kd.uniform_layer_map(4, 6) == [0, 2, 3, 5]
+    assert kd.uniform_layer_map(3, 6) == [1, 3, 5]
+    assert kd.uniform_layer_map(6, 6) == list(range(6))
+
+
+def test_kept_layer_map_pairs_each_block_with_the_one_it_was_kept_from(tiny3, calibration):
+    gm = _dropped(tiny3, calibration, layers=(0,))
+    result = run_pass("distill", {**FAST, "steps": 1, "layer_map": "kept"}, gm, tiny3, calibration)
+    assert result.details["layer_map"] == [1, 2]
+
+
+def test_explicit_layer_map_of_the_wrong_length_is_refused(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    with pytest.raises(PassRefused, match="layer_map has 3 entries"):
+        run_pass("distill", {**FAST, "layer_map": [0, 1, 2]}, gm, tiny3, calibration)
+
+
+def test_training_texts_from_a_file_exclude_the_held_out_texts(tiny3, calibration, tmp_path):
+    corpus = tmp_path / "train.txt"
+    own = [f"training sentence number {i} about distillation of small encoders" for i in range(100)]
+    corpus.write_text("\n".join(own + calibration.heldout_texts) + "\n")
+    gm = _dropped(tiny3, calibration)
+    result = run_pass("distill", {**FAST, "steps": 1, "texts": str(corpus)}, gm, tiny3, calibration)
+    assert result.details["training_texts"] + 64 == len(own)  # 64 monitor texts are kept apart
+
+
+def test_too_few_training_texts_are_refused_with_a_fix(tiny3):
+    small = calibration_for(tiny3, samples=16, validation=8)
+    with pytest.raises(PassRefused, match="training texts"):
+        run_pass("distill", FAST, _gm(tiny3), tiny3, small)
+
+
+def test_distill_after_quantize_linear_trains_through_the_simulated_int8(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    run_pass("quantize-linear", {"dtype": "int8"}, gm, tiny3, calibration)
+    weight = analyze(gm).layers[0].attention.query.weight
+    before_weight = dict(gm.named_parameters())[weight].detach().clone()
+    before = _heldout_cosine(gm, tiny3, calibration)
+    run_pass("distill", FAST, gm, tiny3, calibration)
+    assert not torch.equal(dict(gm.named_parameters())[weight], before_weight)  # gradients got through the rounding
+    assert _heldout_cosine(gm, tiny3, calibration) > before
+
+
+def test_qat_simulates_int8_linears_only_while_training(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    ops_before = [n.target for n in gm.graph.nodes]
+    result = run_pass("distill", {**FAST, "steps": 3, "qat": True}, gm, tiny3, calibration)
+    assert result.details["qat"] is True
+    assert [n.target for n in gm.graph.nodes] == ops_before
+    probe, _ = kd.build_probe(gm, analyze(gm), fake_quant_linears=True, training=True)
+    simulated = [n for n in probe.graph.nodes if n.target is kd._straight_through_weight_int8]
+    assert len(simulated) == len(analyze(gm).linears)
+
+
+def _manager(loaded, calibration, text):
+    recipe = load_recipe_text(text, file="t.yaml")
+    return PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config)
+
+
+def test_pass_manager_applies_a_healing_distill_and_records_cosine_before(tiny3, calibration):
+    text = ("budget: {min: 0.5}\npasses:\n  - layer-drop: {layers: [1]}\n"
+            "  - distill: {steps: 20, batch_size: 8, max_length: 32, lr: 0.002}\n")
+    events = []
+    manager = _manager(tiny3, calibration, text)
+    manager.instruments.append(lambda event, payload: events.append(event))
+    _, records = manager.run(_gm(tiny3))
+    drop, distill = records
+    assert distill.status == "applied"
+    assert distill.checks["cosine_before"] == pytest.approx(drop.checks["cosine"], abs=1e-6)
+    assert distill.checks["cosine"] > distill.checks["cosine_before"]
+    assert events.count("pass_progress") == 20
+
+
+def test_pass_manager_rolls_back_a_distill_that_lowers_fidelity(tiny3, calibration):
+    # A learning rate of 1 with no warmup wrecks the weights: fidelity drops, so the manager undoes it.
+    text = ("budget: {min: 0.01}\npasses:\n"
+            "  - distill: {steps: 5, batch_size: 8, max_length: 32, lr: 1.0, warmup: 0, on_fail: skip}\n")
+    gm = _gm(tiny3)
+    state, (record,) = _manager(tiny3, calibration, text).run(gm)
+    assert record.status == "skipped" and "lowered fidelity" in record.reason
+    assert _heldout_cosine(state.gm, tiny3, calibration) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_distill_that_lowers_fidelity_stops_the_compile_by_default(tiny3, calibration):
+    text = "budget: {min: 0.01}\npasses:\n  - distill: {steps: 5, batch_size: 8, max_length: 32, lr: 1.0, warmup: 0}\n"
+    with pytest.raises(PassCheckFailed, match="lowered fidelity"):
+        _manager(tiny3, calibration, text).run(_gm(tiny3))
+
+
+@pytest.mark.minilm
+def test_minilm_distill_heals_two_dropped_layers(minilm):
+    calibration = calibration_for(minilm, samples=128, validation=16)
+    gm = _dropped(minilm, calibration, layers=(2, 4))
+    before = _heldout_cosine(gm, minilm, calibration)
+    run_pass("distill", {"steps": 25, "batch_size": 8, "max_length": 32, "lr": 5e-4, "warmup": 0.2}, gm, minilm,
+             calibration)
+    after = _heldout_cosine(gm, minilm, calibration)
+    assert after > before + 0.01, (before, after)
