@@ -2,8 +2,8 @@
 
 The key is a SHA-256 over everything that decides the output: the model folder's files, the
 normalized recipe, the calibration text (when it is a file or folder), bertpress's version and
-source code (the installed compiler and the modules of the recipe's passes, so an edited plugin or
-an editable checkout rebuilds), and the versions of the libraries that trace and lower (torch,
+source code (the compiler package and the modules defining the recipe's passes, so an edited
+plugin or an editable checkout rebuilds), and the versions of the libraries that trace and lower (torch,
 transformers, onnx, onnxscript, onnx-ir, onnxruntime) and of Python. The key and its parts are kept
 in ``report.json`` under ``cache``; a rerun compares keys before any model is loaded.
 
@@ -70,13 +70,10 @@ def calibration_digest(source: str, base_dir: Path | None) -> str:
 
 
 def code_digest(recipe: Recipe) -> str:
-    """The compiler's and passes' sources plus the files defining the recipe's passes (plugins too)."""
+    """The compiler's sources plus the files defining the recipe's passes (built-in or plugin)."""
     import compiler
-    import passes
 
-    files = []
-    for package in (compiler, passes):
-        files += _tree_files(Path(package.__file__).parent, (".py",))
+    files = _tree_files(Path(compiler.__file__).parent, (".py",))
     for step in recipe.steps:
         source = inspect.getsourcefile(get_pass(step.name))
         if source:

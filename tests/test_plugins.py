@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,10 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "custom-pass"
 def installed_example(tmp_path_factory) -> Path:
     """examples/custom-pass installed with pip into its own folder (put it on PYTHONPATH to use it)."""
     target = tmp_path_factory.mktemp("site")
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(EXAMPLE)]
+    # From a copy: an in-place setuptools build would leave build/ and *.egg-info in the repository.
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("src") / "custom-pass",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)]
     done = subprocess.run([*command, "--no-build-isolation"], capture_output=True, text=True, timeout=300)
     if done.returncode:  # no setuptools in this environment: let pip fetch it in an isolated build
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
