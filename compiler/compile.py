@@ -132,6 +132,10 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         quant = state.lowering.get("quantize") or {}
         lowered = lower_to_onnx(final, example, staging, quantize=_quantize_spec(state.lowering),
                                 fuse=settings.target.fusions, fp16=quant.get("dtype") == "fp16")
+        if state.lowering.get("sparse_weights"):
+            from .lowering.sparse import store_sparse
+
+            lowered.notes.append(f"sparse: {store_sparse(lowered.model_path)}")
         timings["lowering"] = time.perf_counter() - mark
         report["lowering"] = {"fusions": lowered.fusions, "quantized": lowered.quantized, "op_counts": lowered.op_counts,
                               "notes": lowered.notes, "seconds": round(timings["lowering"], 2)}

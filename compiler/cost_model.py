@@ -81,11 +81,13 @@ def node_flops(node, values) -> int:
 
 
 def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None = None,
-             int8_weights: set[str] | frozenset = frozenset(), fp16_weights: set[str] | frozenset = frozenset()) -> Cost:
+             int8_weights: set[str] | frozenset = frozenset(), fp16_weights: set[str] | frozenset = frozenset(),
+             sparse_weights: set[str] | frozenset = frozenset()) -> Cost:
     """Estimate the cost of one forward pass at (batch, seq).
 
     ``int8_weights``/``fp16_weights`` name weights that lowering will store in that precision
-    (int8 per-channel: one byte per element plus a float scale per output channel).
+    (int8 per-channel: one byte per element plus a float scale per output channel). ``sparse_weights``
+    are stored as sparse initializers (nonzeros + indices) when that is smaller; their FLOPs stay dense.
     """
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -117,6 +119,12 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
                 size = 2 * count
             else:
                 size = count * tensor.element_size()
+            if node.target in sparse_weights:
+                from .lowering.sparse import sparse_bytes
+
+                scales = 4 * int(tensor.shape[0]) if node.target in int8_weights else 0
+                element = (size - scales) // max(count, 1)
+                size = sparse_bytes(count, int(torch.count_nonzero(tensor)), element) + scales
             parameters += count
             stored += size
             per[component]["parameters"] += count

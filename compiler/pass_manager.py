@@ -96,6 +96,7 @@ class PassManager:
             state.gm, batch=point.batch, seq=point.seq, component_of=structure.node_component,
             int8_weights=set(state.lowering.get("int8_weights", ())),
             fp16_weights=set(state.lowering.get("fp16_weights", ())),
+            sparse_weights=set(state.lowering.get("sparse_weights", ())),
         )
 
     def fidelity(self, outputs: list[torch.Tensor]):

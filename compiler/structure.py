@@ -43,6 +43,13 @@ class Linear:
     weight: str  # get_attr target of the weight
     bias: str | None
     module: str
+    # A low-rank linear is two aten.linear calls, x -> inner (no bias, weight `factor`) -> node.
+    inner: Node | None = None
+    factor: str | None = None
+
+    @property
+    def input(self) -> Node:
+        return (self.inner if self.inner is not None else self.node).args[0]
 
     def weight_tensor(self, gm: GraphModule) -> torch.Tensor:
         return gm.get_parameter(self.weight) if self.weight in dict(gm.named_parameters()) else _attr(gm, self.weight)
@@ -159,15 +166,39 @@ def _forward_simulated(node: Node) -> list[Node]:
     return found
 
 
-def _linear(node: Node) -> Linear | None:
-    if not (isinstance(node, Node) and node.op == "call_function" and node.target == aten.linear.default):
+def _is_linear(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target == aten.linear.default
+
+
+def _factor_outer(node: Node) -> Node | None:
+    """If ``node`` is the first factor of a low-rank pair (bias-free linear feeding one linear), the second."""
+    if not _is_linear(node) or (len(node.args) > 2 and node.args[2] is not None):
         return None
+    users = _forward_simulated(node)
+    if len(users) == 1 and _is_linear(users[0]) and _skip_back(users[0].args[0], set()) is node:
+        return users[0]
+    return None
+
+
+def _linear(node: Node) -> Linear | None:
+    if not _is_linear(node):
+        return None
+    inner = None
+    outer = _factor_outer(node)
+    if outer is not None:
+        inner, node = node, outer
+    elif _factor_outer(_skip_back(node.args[0], set())) is node:
+        inner = _skip_back(node.args[0], set())
     weight = _skip_back(node.args[1], set())
     bias = _skip_back(node.args[2], set()) if len(node.args) > 2 else None
     if not (isinstance(weight, Node) and weight.op == "get_attr"):
         return None
     bias_target = bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
-    return Linear(node=node, weight=weight.target, bias=bias_target, module=module_path(node))
+    factor = _skip_back(inner.args[1], set()) if inner is not None else None
+    if inner is not None and not (isinstance(factor, Node) and factor.op == "get_attr"):
+        return None
+    return Linear(node=node, weight=weight.target, bias=bias_target, module=module_path(node), inner=inner,
+                  factor=factor.target if factor is not None else None)
 
 
 def _head_size(q_linear: Node, core_q: Node) -> int | None:
@@ -213,7 +244,7 @@ def _attention_block(core: Node, gm: GraphModule) -> tuple[Attention, Node, Node
         return None
     heads = int(_attr(gm, q.weight).shape[0]) // head_size
     prefix = _common_prefix([q.module, k.module, v.module])
-    return Attention(q, k, v, outs[0], core, head_size, heads, prefix), _skip_back(q.node.args[0], set()), outs[0].node
+    return Attention(q, k, v, outs[0], core, head_size, heads, prefix), _skip_back(q.input, set()), outs[0].node
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -327,6 +358,9 @@ def classify_nodes(gm: GraphModule, structure: BertStructure) -> dict[Node, str]
         component[layer.ffn.up.node] = "feed-forward"
         component[layer.ffn.act] = "feed-forward"
         component[layer.ffn.down.node] = "feed-forward"
+    for lin in structure.linears:
+        if lin.inner is not None and lin.node in component:
+            component[lin.inner] = component[lin.node]
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             users = _forward_simulated(node)

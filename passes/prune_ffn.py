@@ -55,6 +55,7 @@ class PruneFfn(Pass):
     Config = PruneFfnConfig
     kind = "lossy"
     must_run_before = ("low-rank", "share-layers")
+    requires = ("structure", "calibration")
 
     def __init__(self, config):
         super().__init__(config)

@@ -72,6 +72,7 @@ class PruneHeads(Pass):
     Config = PruneHeadsConfig
     kind = "lossy"
     must_run_before = ("low-rank", "share-layers")
+    requires = ("structure", "calibration", "reference")
 
     def __init__(self, config):
         super().__init__(config)
