@@ -174,9 +174,14 @@ def lr_lambda(steps: int, warmup: float, schedule: str):
 
 
 class TextStream:
-    """Seeded, reshuffled-every-epoch batches of training texts, tokenized on demand."""
+    """Seeded, reshuffled-every-epoch batches of training texts, tokenized on demand.
 
-    def __init__(self, texts: list[str], tokenizer, batch_size: int, max_length: int, seed: int):
+    ``pack`` joins consecutive texts into one sequence of about ``max_length`` tokens: short texts
+    (WordNet glosses are ~15 tokens) would otherwise never train the later positions that longer
+    inputs use.
+    """
+
+    def __init__(self, texts: list[str], tokenizer, batch_size: int, max_length: int, seed: int, pack: bool = False):
         self.texts = texts
         self.tokenizer = tokenizer
         self.batch_size = min(batch_size, len(texts))
@@ -184,12 +189,27 @@ class TextStream:
         self.rng = random.Random(seed)
         self.order: list[int] = []
         self.epochs = 0
+        self.lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if pack else None
 
-    def next(self) -> dict[str, torch.Tensor]:
-        if len(self.order) < self.batch_size:
+    def _take(self, count: int) -> list[int]:
+        while len(self.order) < count:
             order = list(range(len(self.texts)))
             self.rng.shuffle(order)
             self.order += order
             self.epochs += 1
-        picked, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return tokenize_batches(self.tokenizer, [self.texts[i] for i in picked], self.max_length, self.batch_size)[0]
+        picked, self.order = self.order[:count], self.order[count:]
+        return picked
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.lengths is None:
+            rows = [self.texts[i] for i in self._take(self.batch_size)]
+        else:
+            rows = []
+            for _ in range(self.batch_size):
+                parts, tokens = [], 0
+                while tokens < self.max_length - 2:  # room for [CLS] and [SEP]
+                    (index,) = self._take(1)
+                    parts.append(self.texts[index])
+                    tokens += self.lengths[index]
+                rows.append(" ".join(parts))
+        return tokenize_batches(self.tokenizer, rows, self.max_length, len(rows))[0]

@@ -66,8 +66,11 @@ class DistillConfig(PassConfig):
         description="Teacher layer each student layer is compared with: 'uniform' (student j -> teacher floor((j+1)T/S)-1),"
         " 'kept' (the layer it was kept from when blocks were dropped) or explicit teacher indices, one per student layer.",
     )
-    texts: str | None = Field(None, description="Training text source (as calibration.texts: builtin, builtin:wordnet, a .txt/.jsonl file or folder); default: the calibration texts. Held-out validation texts are always removed.")
-    samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`.")
+    texts: str | list[str] | None = Field(
+        None, description="Training text sources (each as calibration.texts: builtin, builtin:wordnet, a .txt/.jsonl file or"
+        " folder; a list mixes them); default: the calibration texts. Held-out validation texts are always removed.")
+    samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`, in equal shares when it lists several sources.")
+    pack: bool = Field(False, description="Join consecutive short texts into sequences of about max_length tokens.")
     qat: bool = Field(False, description="Train with int8-simulated linears (straight-through), for a quantize-linear that comes after distill.")
     monitor_every: int = Field(50, ge=1, description="Steps between fidelity measurements on a monitor slice of the training texts.")
 
@@ -102,7 +105,7 @@ class Distill(Pass):
 
         texts, source = self._training_texts(ctx, seed)
         monitor, texts = texts[:MONITOR_TEXTS], texts[MONITOR_TEXTS:]
-        stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed)
+        stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed, pack=cfg.pack)
         monitor_batches = tokenize_batches(ctx.tokenizer, monitor, cfg.max_length, cfg.batch_size)
 
         trained = self._trainable(gm, structure)
@@ -123,7 +126,7 @@ class Distill(Pass):
                 param.requires_grad_(flags[name])
         details = {"texts": source, "training_texts": len(texts), "epochs": stream.epochs, "layer_map": layer_map,
                    "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
-                   "student_heads": [i.heads for i in student_info], "qat": cfg.qat, **history}
+                   "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, **history}
         return PassResult(gm, modified=True, details=details)
 
     def _layer_map(self, student, teacher) -> list[int]:
@@ -152,8 +155,12 @@ class Distill(Pass):
             texts = [t for t in ctx.calibration.texts if t not in heldout]
             source = "calibration"
         else:
-            pool_ = [t for t in dict.fromkeys(load_texts(cfg.texts, ctx.base_dir)) if t not in heldout]
-            texts = random.Random(seed).sample(pool_, min(cfg.samples, len(pool_)))
+            sources = [cfg.texts] if isinstance(cfg.texts, str) else cfg.texts
+            rng, texts = random.Random(seed), []
+            for name in sources:  # equal shares, so a small corpus is not drowned by a large one
+                candidates = [t for t in dict.fromkeys(load_texts(name, ctx.base_dir)) if t not in heldout]
+                texts += rng.sample(candidates, min(cfg.samples // len(sources), len(candidates)))
+            rng.shuffle(texts)
             source = cfg.texts
         if len(texts) < MONITOR_TEXTS + 8:
             raise self.refuse(f"only {len(texts)} training texts (after removing held-out ones); distillation needs at"

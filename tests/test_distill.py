@@ -232,3 +232,32 @@ def test_minilm_distill_heals_two_dropped_layers(minilm):
              calibration)
     after = _heldout_cosine(gm, minilm, calibration)
     assert after > before + 0.01, (before, after)
+
+
+def test_cli_draws_a_progress_bar_for_pass_progress_and_closes_it_at_pass_end():
+    from compiler import cli
+    from compiler.pass_manager import PassRecord
+
+    cli._progress_instrument("pass_progress", {"name": "distill", "step": 1, "total": 2, "loss": 0.5, "fidelity": 0.9})
+    assert cli._bar["progress"].tasks[0].completed == 1 and "loss 0.5000" in cli._bar["progress"].tasks[0].fields["info"]
+    record = PassRecord(0, "distill", {}, "lossy", status="applied", checks={"cosine": 0.95, "cosine_before": 0.9})
+    cli._progress_instrument("pass_end", {"record": record})
+    assert cli._bar == {}
+
+
+def test_packing_joins_short_texts_into_sequences_of_about_max_length(tiny3):
+    texts = [f"a short gloss number {i}" for i in range(50)]
+    packed = kd.TextStream(texts, tiny3.tokenizer, batch_size=4, max_length=32, seed=0, pack=True).next()
+    plain = kd.TextStream(texts, tiny3.tokenizer, batch_size=4, max_length=32, seed=0).next()
+    assert packed["attention_mask"].sum(1).min() >= 30
+    assert plain["attention_mask"].sum(1).max() < 12
+
+
+def test_a_list_of_text_sources_mixes_them_in_equal_shares(tiny3, calibration, tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("\n".join(f"first corpus sentence {i} about encoders" for i in range(200)) + "\n")
+    second.write_text("\n".join(f"second corpus sentence {i} about glosses" for i in range(200)) + "\n")
+    gm = _dropped(tiny3, calibration)
+    result = run_pass("distill", {**FAST, "steps": 1, "texts": [str(first), str(second)], "samples": 100}, gm, tiny3,
+                      calibration)
+    assert result.details["training_texts"] == 100 - 64
