@@ -25,7 +25,7 @@ def tiny_bert(seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=512, attn_implementation="sdpa")
+                     intermediate_size=128, max_position_embeddings=64, attn_implementation="sdpa")
     return BertModel(cfg).eval()
 
 
@@ -40,7 +40,7 @@ def example_inputs(batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:
 
 
 def trace(model, kw):
-    batch, seq = Dim("batch"), Dim("seq", max=512)
+    batch, seq = Dim("batch"), Dim("seq", max=model.config.max_position_embeddings)
     ep = torch.export.export(model, (), kwargs=kw, dynamic_shapes={k: {0: batch, 1: seq} for k in kw}, strict=False)
     return ep.module()
 

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import torch
 from torch.export import Dim
 
+from .io import save_model
 from .quiet import quiet
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -19,10 +20,18 @@ OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 OPSET = 20  # first opset with a native Gelu op; ORT 1.32 supports it and fusions match it
 
 
-def _dynamic_shapes(example_inputs: dict[str, torch.Tensor]) -> dict:
+def _max_sequence(module: torch.nn.Module) -> int:
+    # The position table bounds the sequence length; torch.export rejects a larger Dim max.
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if name.endswith("position_embeddings.weight"):
+            return min(512, int(tensor.shape[0]))
+    return 512
+
+
+def _dynamic_shapes(example_inputs: dict[str, torch.Tensor], max_seq: int) -> dict:
     # One Dim object per axis kind, shared by all inputs, so the exporter knows that the three
     # inputs always agree on batch and sequence length (it then emits one symbolic dim each).
-    batch, seq = Dim("batch"), Dim("seq", max=512)
+    batch, seq = Dim("batch"), Dim("seq", max=max_seq)
     return {name: {0: batch, 1: seq} for name in example_inputs}
 
 
@@ -52,7 +61,7 @@ def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) 
             opset_version=OPSET,
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES[:n_out]),
-            dynamic_shapes=_dynamic_shapes(kwargs),
+            dynamic_shapes=_dynamic_shapes(kwargs, _max_sequence(module)),
             optimize=True,
             verbose=False,
         )
@@ -68,10 +77,18 @@ def _flat_outputs(out) -> list:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
+def module_path(node: ir.Node) -> str | None:
+    """nn module path a node was exported from (exporter metadata), e.g. 'encoder.layer.0.intermediate.dense'."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
+    # The last scope is the aten op's own name ("linear_3"); the one before is its module.
+    return parts[-2] if len(parts) >= 2 else None
+
+
 def export_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: Path) -> Path:
     """Plain fp32 dynamo export to `path` (single file), inputs int64 with dynamic batch & sequence."""
-    from .io import save_model
-
     path = Path(path)
     model = export_ir(module, example_inputs)
     return save_model(model, path)

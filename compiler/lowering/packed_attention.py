@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .export import module_path
 from .fusions import MS_DOMAIN
 
 
@@ -36,12 +37,7 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _scope(node: ir.Node, index: int) -> str:
     # Name packed weights after the nn module they came from (readable, stable across runs).
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        parts = [p.strip(" '") for p in scopes.strip("[]").split(",")]
-        if len(parts) >= 2 and parts[-2]:
-            return parts[-2]
-    return f"attention_{index}"
+    return module_path(node) or f"attention_{index}"
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

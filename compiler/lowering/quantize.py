@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from .export import module_path
 from .quiet import quiet
 
 # Ops the quantizer emits; counted as "quantized" in the result.
@@ -28,16 +29,6 @@ class QuantizeSpec:
     exclude_embeddings: bool = True  # never quantize Gather / embedding tables unless False
     # nn module path prefixes whose linears must stay fp32, e.g. "encoder.layer.5.output.dense".
     exclude_modules: list[str] = field(default_factory=list)
-
-
-def module_path(node: ir.Node) -> str | None:
-    """nn module path a node was exported from (exporter metadata), e.g. 'encoder.layer.0.intermediate.dense'."""
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not scopes:
-        return None
-    parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
-    # The last scope is the aten op's own name ("linear_3"); the one before is its module.
-    return parts[-2] if len(parts) >= 2 else None
 
 
 def _matches(path: str, prefix: str) -> bool:
