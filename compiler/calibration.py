@@ -21,11 +21,11 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 _WORDS = re.compile(r"[A-Za-z]")
 
 
-def python_docs_texts() -> list[str]:
-    """Sentences of Python's reference documentation (``pydoc_data.topics``), code blocks dropped."""
+def _python_docs_paragraphs() -> list[list[str]]:
+    """Prose paragraphs of Python's reference documentation, each as its list of kept sentences."""
     import pydoc_data.topics
 
-    texts: list[str] = []
+    paragraphs: list[list[str]] = []
     for topic in sorted(pydoc_data.topics.topics):
         for paragraph in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic]):
             lines = paragraph.splitlines()
@@ -33,11 +33,23 @@ def python_docs_texts() -> list[str]:
             if not lines or lines[0].startswith((" ", "\t", ">>>")) or set(lines[-1].strip()) <= set("*=-~^"):
                 continue
             text = " ".join(line.strip() for line in lines)
+            sentences = []
             for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
                 words = sentence.split()
                 if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
-                    texts.append(sentence)
-    return texts
+                    sentences.append(sentence)
+            paragraphs.append(sentences)
+    return paragraphs
+
+
+def python_docs_texts() -> list[str]:
+    """Sentences of Python's reference documentation (``pydoc_data.topics``), code blocks dropped."""
+    return [sentence for paragraph in _python_docs_paragraphs() for sentence in paragraph]
+
+
+def python_docs_pairs() -> list[tuple[str, str]]:
+    """Sentence pairs (a sentence, the next one in its paragraph) for two-segment inputs."""
+    return [pair for paragraph in _python_docs_paragraphs() for pair in zip(paragraph, paragraph[1:])]
 
 
 def wordnet_texts() -> list[str]:
@@ -60,7 +72,25 @@ def wordnet_texts() -> list[str]:
     return texts
 
 
-BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts}
+def wordnet_pairs() -> list[tuple[str, str]]:
+    """Sentence pairs (a WordNet gloss, one of its quoted usage examples) for two-segment inputs."""
+    wordnet_texts()  # the same clear error when WordNet is missing
+    pairs: list[tuple[str, str]] = []
+    for part in ("noun", "verb", "adj", "adv"):
+        for line in (WORDNET_DIR / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:
+                continue
+            pieces = [p.strip() for p in line.split("|", 1)[1].split(";") if p.strip()]
+            glosses = [p for p in pieces if not p.startswith('"')]
+            examples = [p.strip('"').strip() for p in pieces if p.startswith('"')]
+            if glosses and len(glosses[0].split()) >= 4:
+                pairs += [(glosses[0], example) for example in examples if len(example.split()) >= 4]
+    return pairs
+
+
+BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts,
+                   # Two-segment corpora (tuples of texts, tokenized as pairs) for sentence-pair passes.
+                   "builtin:python-docs-pairs": python_docs_pairs, "builtin:wordnet-pairs": wordnet_pairs}
 
 
 def _read_file(path: Path) -> list[str]:
@@ -130,7 +160,12 @@ class CalibrationData:
     truncated: int  # how many texts were longer than max_length
 
 
+def _segments(text: str | tuple[str, str]) -> tuple[str, ...]:
+    return tuple(text) if isinstance(text, (tuple, list)) else (text,)
+
+
 def tokenize_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    # A (text, pair) tuple tokenizes as two segments (token_type_ids 0 and 1), like any HF pair input.
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
@@ -155,7 +190,7 @@ def prepare_calibration(tokenizer, *, source: str, samples: int, validation_samp
     picked = rng.sample(texts, min(needed, len(texts)))
     heldout, calibration = picked[:validation_samples], picked[validation_samples:]
     length = min(max_length, model_max_length)
-    truncated = sum(1 for text in picked if len(tokenizer(text)["input_ids"]) > length)
+    truncated = sum(1 for text in picked if len(tokenizer(*_segments(text))["input_ids"]) > length)
     return CalibrationData(
         texts=calibration, heldout_texts=heldout,
         batches=tokenize_batches(tokenizer, calibration, length, batch_size),
