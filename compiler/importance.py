@@ -208,3 +208,48 @@ def neuron_activations(gm: GraphModule, structure: BertStructure, batches) -> Ne
         column_norm = get_tensor(gm, layer.ffn.down.weight).detach().norm(dim=0)
         scores.append(abs_sums[i] / max(count, 1) * column_norm)
     return NeuronStats(scores, [s / max(count, 1) for s in sums])
+
+
+def input_grams(gm: GraphModule, nodes: list[Node], batches) -> list[torch.Tensor]:
+    """X^T X of each node's output over real tokens, with a trailing ones column (for the bias), float64."""
+    index = {node: i for i, node in enumerate(nodes)}
+    grams: list[torch.Tensor | None] = [None] * len(nodes)
+    current: dict = {}
+
+    def record(node, out, probe):
+        x = out.detach()[current["mask"]].double()  # [tokens, features]
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        gram = x.T @ x
+        i = index[node]
+        grams[i] = gram if grams[i] is None else grams[i] + gram
+        return out
+
+    probe = Probe(gm, {node: record for node in nodes})
+    with torch.no_grad():
+        for batch in batches:
+            current["mask"] = _real_tokens(batch)
+            probe.hidden(batch)
+    return grams
+
+
+def refit_columns(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, keep: torch.Tensor,
+                  ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares weights (and bias) on the kept input columns that best reproduce the full layer.
+
+    Minimizes ||X W^T + b - (X_k W_k'^T + b')||^2 over calibration tokens, given G = [X 1]^T [X 1]:
+    the removed columns' contribution is re-expressed through the kept ones where they correlate,
+    and through the bias where it is constant (which subsumes mean-output bias compensation).
+    """
+    n = weight.shape[1]
+    if bias is None:  # no intercept to absorb into: fit on the kept inputs alone
+        gram, cols, full = gram[:n, :n], keep, weight.double()
+    else:
+        cols = torch.cat([keep, torch.tensor([n])])  # kept inputs + the ones column
+        full = torch.cat([weight.double(), bias.double()[:, None]], 1)
+    g_kk = gram[cols][:, cols]
+    damp = torch.zeros(len(cols), dtype=gram.dtype)
+    damp[:len(keep)] = ridge * g_kk.diagonal()[:len(keep)].mean()
+    solution = torch.linalg.solve(g_kk + torch.diag(damp), gram[cols] @ full.T).T  # [out, k (+ 1)]
+    new_weight = solution[:, :len(keep)].to(weight.dtype).contiguous()
+    new_bias = solution[:, -1].to(weight.dtype).contiguous() if bias is not None else None
+    return new_weight, new_bias

@@ -34,6 +34,10 @@ class PruneFfnConfig(PassConfig):
         True, description="Fold each removed neuron's mean calibration output into the down projection's bias"
         " (with activation importance it raised MiniLM's held-out cosine at 1024 neurons, 0.812 -> 0.824;"
         " with l1 importance it lowered it).")
+    reconstruct: bool = Field(
+        False, description="Refit the down projection (weights and bias) by least squares on calibration activations so"
+        " the kept neurons reproduce the full layer's output as closely as they can (replaces compensate_bias). On"
+        " MiniLM at 1024 neurons: held-out cosine 0.918 -> 0.963 on unseen Python-docs text, 0.824 -> 0.841 on WordNet.")
     calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
 
     @model_validator(mode="after")
@@ -90,9 +94,11 @@ class PruneFfn(Pass):
         self._kept_everything = all(n == l.ffn.intermediate for n, l in zip(wanted, layers))
         batches = ctx.calibration.batches[:cfg.calibration_batches]
         stats = None
-        if cfg.importance == "activation" or (cfg.compensate_bias and not self._kept_everything):
+        if cfg.importance == "activation" or (cfg.compensate_bias and not cfg.reconstruct and not self._kept_everything):
             stats = imp.neuron_activations(gm, structure, batches)
         scores = stats.scores if cfg.importance == "activation" else imp.neuron_l1(gm, structure)
+        grams = imp.input_grams(gm, [l.ffn.act for l in layers], batches) \
+            if cfg.reconstruct and not self._kept_everything else None
 
         report = []
         for layer, n in zip(layers, wanted):
@@ -100,19 +106,28 @@ class PruneFfn(Pass):
             order = torch.argsort(scores[layer.index], descending=True)
             keep = torch.sort(order[:n]).values
             removed = torch.sort(order[n:]).values
-            if cfg.compensate_bias and len(removed) and ffn.down.bias is not None:
+            if grams is not None:
+                down, bias = imp.refit_columns(get_tensor(gm, ffn.down.weight).detach(),
+                                               get_tensor(gm, ffn.down.bias).detach() if ffn.down.bias else None,
+                                               grams[layer.index], keep)
+                set_parameter(gm, ffn.down.weight, down)
+                if bias is not None:
+                    set_parameter(gm, ffn.down.bias, bias)
+            elif cfg.compensate_bias and len(removed) and ffn.down.bias is not None:
                 down = get_tensor(gm, ffn.down.weight).detach()
                 shift = down[:, removed] @ stats.mean_activation[layer.index][removed]
                 set_parameter(gm, ffn.down.bias, get_tensor(gm, ffn.down.bias).detach() + shift)
             slice_parameter(gm, ffn.up.weight, 0, keep)
             if ffn.up.bias is not None:
                 slice_parameter(gm, ffn.up.bias, 0, keep)
-            slice_parameter(gm, ffn.down.weight, 1, keep)
+            if grams is None:
+                slice_parameter(gm, ffn.down.weight, 1, keep)
             kept_scores = scores[layer.index][keep]
             report.append({"layer": layer.index, "neurons_before": ffn.intermediate, "neurons_after": n,
                            "kept_score_share": round(float(kept_scores.sum() / scores[layer.index].sum().clamp_min(1e-12)), 4)})
         gm.recompile()
         details = {"importance": cfg.importance, "neurons_before": sum(l.ffn.intermediate for l in layers),
                    "neurons_after": sum(wanted), "layers": report,
-                   "bias_compensated": cfg.compensate_bias and not self._kept_everything}
+                   "bias_compensated": cfg.compensate_bias and grams is None and not self._kept_everything,
+                   "reconstructed": grams is not None}
         return PassResult(gm, modified=True, details=details)

@@ -35,6 +35,11 @@ class PruneHeadsConfig(PassConfig):
     compensate_bias: bool = Field(
         False, description="Fold each removed head's mean calibration output into the output projection's bias"
         " (off by default: on MiniLM it lowered held-out WordNet cosine, 0.8725 -> 0.8596 at 8 heads).")
+    reconstruct: bool = Field(
+        False, description="Refit the attention output projection (weights and bias) by least squares on calibration"
+        " activations so the kept heads reproduce the full layer's output as closely as they can. It fits the"
+        " calibration domain: on MiniLM at 8 heads it raised held-out cosine on unseen Python-docs text (0.856 ->"
+        " 0.889) but lowered it on WordNet glosses (0.879 -> 0.609); use it only with in-domain calibration text.")
     calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
 
     @model_validator(mode="after")
@@ -105,7 +110,10 @@ class PruneHeads(Pass):
             scores = imp.head_gradient(gm, structure, batches, ctx.reference, seed=ctx.seed)
         kept = choose_heads(scores, cfg)
         self._kept_everything = all(len(k) == l.attention.num_heads for k, l in zip(kept, layers))
-        means = imp.head_mean_outputs(gm, structure, batches) if cfg.compensate_bias and not self._kept_everything else None
+        refit = cfg.reconstruct and not self._kept_everything
+        grams = imp.input_grams(gm, [l.attention.output.input for l in layers], batches) if refit else None
+        means = imp.head_mean_outputs(gm, structure, batches) \
+            if cfg.compensate_bias and not refit and not self._kept_everything else None
 
         report = []
         for layer, keep in zip(layers, kept):
@@ -122,13 +130,21 @@ class PruneHeads(Pass):
                 slice_parameter(gm, lin.weight, 0, rows)
                 if lin.bias is not None:
                     slice_parameter(gm, lin.bias, 0, rows)
-            slice_parameter(gm, a.output.weight, 1, rows)
+            if grams is not None:
+                weight, bias = imp.refit_columns(get_tensor(gm, a.output.weight).detach(),
+                                                 get_tensor(gm, a.output.bias).detach() if a.output.bias else None,
+                                                 grams[layer.index], rows)
+                set_parameter(gm, a.output.weight, weight)
+                if bias is not None:
+                    set_parameter(gm, a.output.bias, bias)
+            else:
+                slice_parameter(gm, a.output.weight, 1, rows)
             report.append({"layer": layer.index, "heads_before": a.num_heads, "kept": keep, "removed": removed,
                            "scores": [round(float(s), 6) for s in scores[layer.index]]})
         gm.recompile()
         details = {"importance": cfg.importance, "heads_before": sum(l.attention.num_heads for l in layers),
                    "heads_after": sum(len(k) for k in kept), "layers": report,
-                   "bias_compensated": means is not None}
+                   "bias_compensated": means is not None, "reconstructed": grams is not None}
         # Keeping every head still re-materializes the weights: the manager checks it as an exact rewrite.
         return PassResult(gm, modified=True, details=details)
 

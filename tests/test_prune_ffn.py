@@ -105,3 +105,18 @@ def test_minilm_keep_1024_neurons_lowers_with_fusions(minilm, minilm_gm, tmp_pat
     lowered = lower_to_onnx(result.graph_module, example_inputs(minilm.tokenizer), tmp_path, quantize=None)
     assert lowered.fusions.get("Attention") == 6 and lowered.fusions.get("BiasGelu") == 6
     assert lowered.fp32_max_abs_error < 1e-3
+
+
+def test_reconstruct_refits_the_down_projection_closer_on_calibration_text(tiny):
+    calibration = calibration_for(tiny)
+    batch = calibration.batches[0]
+    reference = hidden_states(tiny.model)(batch)
+    errors = {}
+    for reconstruct in (False, True):
+        gm = trace(tiny.model, example_inputs(tiny.tokenizer), tiny.max_length)
+        result = run_pass("prune-ffn", {"keep": 16, "importance": "l1", "reconstruct": reconstruct,
+                                        "compensate_bias": False}, gm, tiny, calibration)
+        assert result.details["reconstructed"] is reconstruct
+        assert tuple(get_tensor(gm, analyze(gm).layers[0].ffn.down.weight).shape) == (32, 16)
+        errors[reconstruct] = float((hidden_states(gm)(batch) - reference).pow(2).mean())
+    assert errors[True] < errors[False]

@@ -127,3 +127,11 @@ def test_minilm_keep_six_heads_by_gradient(minilm, minilm_gm):
     batch = _batch(minilm.tokenizer)
     pooled = [hidden_states(m)(batch).mean(1) for m in (minilm.model, result.graph_module)]
     assert torch.nn.functional.cosine_similarity(*pooled).min() > 0.5
+
+
+def test_reconstruct_refits_the_output_projection_on_kept_heads(tiny, tiny_gm):
+    result = run_pass("prune-heads", {"keep": 2, "importance": "l1", "reconstruct": True}, tiny_gm, tiny)
+    gm = result.graph_module
+    assert result.details["reconstructed"]
+    output = analyze(gm).layers[0].attention.output
+    assert tuple(get_tensor(gm, output.weight).shape) == (32, 16)
