@@ -52,13 +52,17 @@ def python_docs_pairs() -> list[tuple[str, str]]:
     return [pair for paragraph in _python_docs_paragraphs() for pair in zip(paragraph, paragraph[1:])]
 
 
-def wordnet_texts() -> list[str]:
-    """WordNet glosses and their quoted usage examples (real English phrases from many domains)."""
+def _require_wordnet() -> None:
     if not (WORDNET_DIR / "data.noun").is_file():
         raise CalibrationError(
             f"WordNet is not installed ({WORDNET_DIR}/data.noun is missing).", field="calibration.texts",
             fix="install the Debian package wordnet-base (apt-get install wordnet-base) or use texts: builtin.",
         )
+
+
+def wordnet_texts() -> list[str]:
+    """WordNet glosses and their quoted usage examples (real English phrases from many domains)."""
+    _require_wordnet()
     texts: list[str] = []
     for part in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET_DIR / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
@@ -74,7 +78,7 @@ def wordnet_texts() -> list[str]:
 
 def wordnet_pairs() -> list[tuple[str, str]]:
     """Sentence pairs (a WordNet gloss, one of its quoted usage examples) for two-segment inputs."""
-    wordnet_texts()  # the same clear error when WordNet is missing
+    _require_wordnet()
     pairs: list[tuple[str, str]] = []
     for part in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET_DIR / f"data.{part}").read_text(encoding="utf-8", errors="replace").splitlines():
