@@ -37,7 +37,7 @@ def test_compile_writes_a_deployable_folder(tmp_path, tiny_dir, tiny):
     assert [p["status"] for p in report["passes"]] == ["applied", "applied"]
     assert report["final_check"]["passed"] and report["lowering"]["quantized"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
-    assert report["recipe"]["passes"][0] == {"layer-drop": {"layers": [1], "keep_every": None, "top": None, "on_fail": "stop"}}
+    assert report["recipe"]["passes"][0] == {"layer-drop": {"layers": [1], "keep_every": None, "top": None, "count": None, "on_fail": "stop"}}
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
     assert sess.get_outputs()[0].name == "last_hidden_state"
