@@ -158,6 +158,23 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
                 if produced.is_file():
                     produced.unlink()
             return _fail(report, failure, staging, out_dir, timings, started)
+        if state.lowering.get("split"):  # decouple-attention: also the cacheable lower.onnx + upper.onnx
+            from .lowering.split import write_split
+
+            say("writing lower.onnx + upper.onnx and checking that they compose to model.onnx")
+            split = write_split(final, example, staging, quantize=_quantize_spec(state.lowering),
+                                fuse=settings.target.fusions, batches=calibration.heldout_batches,
+                                threads=settings.target.threads)
+            report["lowering"]["split"] = split
+            if not split["check"]["passed"]:
+                failure = CheckFailed(
+                    f"lower.onnx + upper.onnx do not compose to model.onnx: {split['check']['criterion']} broken"
+                    f" (max abs error {split['check']['max_abs_error']:.2e}).", field="lowering.split",
+                    fix="report this to bertpress; the split form must reproduce the decoupled model.")
+                for produced in list(staging.iterdir()):
+                    if produced.is_file():
+                        produced.unlink()
+                return _fail(report, failure, staging, out_dir, timings, started)
 
         _carry_files(loaded, staging, structure_after.summary())
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}

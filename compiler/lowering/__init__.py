@@ -77,7 +77,7 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "model.onnx"
-    check_inputs = verify.padded_batch(example_inputs)
+    check_inputs = verify.padded_batch(example_inputs, second_segment=verify.token_type_count(module) >= 2)
     reference = verify.torch_outputs(module, check_inputs)
     mask = check_inputs["attention_mask"].numpy()
 

@@ -10,8 +10,12 @@ import torch
 from .export import INPUT_NAMES
 
 
-def padded_batch(example_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The example batch with right-padding on alternate rows, so masks are exercised."""
+def padded_batch(example_inputs: dict[str, torch.Tensor], second_segment: bool = False) -> dict[str, torch.Tensor]:
+    """The example batch with right-padding on alternate rows, so masks are exercised.
+
+    ``second_segment`` makes the second half of the other rows segment 1 (token_type_ids), so
+    rewrites that depend on segments (decouple-attention's block-diagonal mask) are checked too.
+    """
     batch = {n: example_inputs[n].clone().to(torch.int64) for n in INPUT_NAMES}
     if batch["input_ids"].shape[0] < 2:
         batch = {n: t.repeat(2, 1) for n, t in batch.items()}
@@ -20,7 +24,17 @@ def padded_batch(example_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     keep = max(1, seq // 2)
     mask[1::2, keep:] = 0
     batch["input_ids"][1::2, keep:] = 0
+    if second_segment:
+        batch["token_type_ids"][0::2, keep:] = 1
     return batch
+
+
+def token_type_count(module: torch.nn.Module) -> int:
+    """Rows of the token-type embedding table (1 for models without segments)."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if name.endswith("token_type_embeddings.weight"):
+            return int(tensor.shape[0])
+    return 1
 
 
 def torch_outputs(module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
