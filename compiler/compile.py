@@ -37,13 +37,18 @@ class CompileResult:
     up_to_date: bool = False  # nothing was rebuilt: out_dir already held this exact build
 
 
-def _carry_files(loaded: LoadedModel, folder: Path, structure_summary: dict) -> None:
+def _carry_files(loaded: LoadedModel, folder: Path, structure_summary: dict, hints: dict) -> None:
     for name in CARRIED_FILES:
         source = loaded.path / name
         if source.is_file():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, folder / name)
+    # Files a pass rewrote (prune-vocab's tokenizer) replace the carried originals.
+    for name, text in sorted(hints.get("files", {}).items()):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
     config = json.loads((loaded.path / "config.json").read_text())
+    config.update(hints.get("config", {}))
     layers = structure_summary["layers"]
     config["num_hidden_layers"] = len(layers)
     heads = {layer["heads"] for layer in layers}
@@ -130,8 +135,18 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         final = copy.deepcopy(state.gm)
         strip_simulation(final)
         quant = state.lowering.get("quantize") or {}
-        lowered = lower_to_onnx(final, example, staging, quantize=_quantize_spec(state.lowering),
-                                fuse=settings.target.fusions, fp16=quant.get("dtype") == "fp16")
+        # After an input-interface change (prune-vocab) the graph takes renumbered ids.
+        heldout = manager.map_inputs(state, calibration.heldout_batches)
+        lowered = lower_to_onnx(final, manager.map_inputs(state, [example])[0], staging,
+                                quantize=_quantize_spec(state.lowering), fuse=settings.target.fusions,
+                                fp16=quant.get("dtype") == "fp16")
+        if state.lowering.get("embedding_precision"):
+            from .graph_edit import get_tensor
+            from .lowering.embeddings import store_embeddings
+
+            precision = state.lowering["embedding_precision"]
+            tables = {target: get_tensor(final, target).detach().numpy() for target in precision}
+            lowered.notes.append(f"embeddings: {store_embeddings(lowered.model_path, precision, tables)}")
         if state.lowering.get("sparse_weights"):
             from .lowering.sparse import store_sparse
 
@@ -143,8 +158,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         say("checking the ONNX Runtime model against the reference")
         mark = time.perf_counter()
         runner = ort_runner(session(lowered.model_path, settings.target.threads))
-        final_outputs = run_batches(runner, calibration.heldout_batches)
-        check = compare(manager.reference_outputs, final_outputs, calibration.heldout_batches, pooling)
+        final_outputs = run_batches(runner, heldout)
+        check = compare(manager.reference_outputs, final_outputs, heldout, pooling)
         timings["final_check"] = time.perf_counter() - mark
         passed = check.finite and check.cosine >= settings.budget.min
         report["final_check"] = {**check.as_dict(), "budget_metric": settings.budget.metric,
@@ -162,8 +177,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
             from .lowering.split import write_split
 
             say("writing lower.onnx + upper.onnx and checking that they compose to model.onnx")
-            split = write_split(final, example, staging, quantize=_quantize_spec(state.lowering),
-                                fuse=settings.target.fusions, batches=calibration.heldout_batches,
+            split = write_split(final, manager.map_inputs(state, [example])[0], staging, quantize=_quantize_spec(state.lowering),
+                                fuse=settings.target.fusions, batches=heldout,
                                 threads=settings.target.threads)
             report["lowering"]["split"] = split
             if not split["check"]["passed"]:
@@ -176,7 +191,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
                         produced.unlink()
                 return _fail(report, failure, staging, out_dir, timings, started)
 
-        _carry_files(loaded, staging, structure_after.summary())
+        _carry_files(loaded, staging, structure_after.summary(), state.lowering)
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         report["outputs"] = {"files": files, "total_bytes": sum(files.values())}
         timings["total"] = time.perf_counter() - started

@@ -37,6 +37,28 @@ class PassConfig(BaseModel):
     )
 
 
+class InputMap:
+    """How inputs of the graph before a pass become inputs of the graph after it.
+
+    A pass that changes the graph's input interface (prune-vocab renumbers token ids) returns one, so
+    the manager can feed the graph after it the batches it tokenized for the reference, and later
+    passes and the driver get batches and a tokenizer that fit the new interface.
+    """
+
+    tokenizer: Any = None  # the tokenizer that turns text into the new inputs (None: unchanged)
+
+    def map_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def restore(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse: new inputs as the graph before the pass takes them (to check an exact pass on equal tokens)."""
+        raise NotImplementedError
+
+    def lossless(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bool [batch, seq] over old inputs: tokens the new interface keeps (the rest lose meaning, e.g. become [UNK])."""
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+
+
 @dataclass
 class PassResult:
     """What a pass hands back: the graph, whether it changed, and facts for the report."""
@@ -46,6 +68,8 @@ class PassResult:
     details: dict[str, Any] = field(default_factory=dict)
     # Instructions for lowering that the graph itself cannot carry (e.g. "quantize these linears to int8").
     lowering: dict[str, Any] = field(default_factory=dict)
+    # Set by a pass that changed what the graph takes as input (see InputMap).
+    inputs: InputMap | None = None
 
 
 @dataclass

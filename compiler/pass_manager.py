@@ -10,6 +10,7 @@ says ``on_fail: skip``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from . import cost_model
 from .calibration import CalibrationData
 from .errors import BertpressError, CheckFailed, PassRefused
-from .pass_infra import Pass, PassContext, get_pass
+from .pass_infra import InputMap, Pass, PassContext, get_pass
 from .recipe import Recipe
 from .structure import BertStructure, analyze
 from .validation import compare, hidden_states, run_batches
@@ -67,6 +68,8 @@ class CompileState:
     gm: torch.fx.GraphModule
     lowering: dict[str, Any]
     outputs: list[torch.Tensor]  # hidden states on the held-out batches
+    # Input-interface changes made so far (prune-vocab), applied in order to batches tokenized for the reference.
+    input_maps: list[InputMap] = field(default_factory=list)
 
 
 Instrument = Callable[[str, dict], None]  # (event, payload): progress display, timing, logs
@@ -102,6 +105,23 @@ class PassManager:
     def fidelity(self, outputs: list[torch.Tensor]):
         return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling)
 
+    @staticmethod
+    def map_inputs(state: CompileState, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Batches tokenized for the reference, as the graph of ``state`` takes them."""
+        for input_map in state.input_maps:
+            batches = [input_map.map_batch(batch) for batch in batches]
+        return batches
+
+    def _context_data(self, state: CompileState) -> tuple[CalibrationData, object]:
+        # Passes after an interface change calibrate on batches (and a tokenizer) that fit the graph they rewrite.
+        if not state.input_maps:
+            return self.calibration, self.tokenizer
+        calibration = dataclasses.replace(self.calibration, batches=self.map_inputs(state, self.calibration.batches),
+                                          heldout_batches=self.map_inputs(state, self.calibration.heldout_batches))
+        tokenizer = next((m.tokenizer for m in reversed(state.input_maps) if m.tokenizer is not None), self.tokenizer)
+        return calibration, tokenizer
+
+
     def run(self, gm: torch.fx.GraphModule) -> tuple[CompileState, list[PassRecord]]:
         state = CompileState(gm=gm, lowering={}, outputs=run_batches(hidden_states(gm), self.calibration.heldout_batches))
         traced = self.fidelity(state.outputs)
@@ -133,8 +153,9 @@ class PassManager:
 
     def _run_one(self, instance: Pass, state: CompileState, record: PassRecord) -> CompileState:
         snapshot = copy.deepcopy(state.gm)
-        ctx = PassContext(structure_of=self.structures, calibration=self.calibration, reference=self.reference,
-                          tokenizer=self.tokenizer, model_config=self.model_config,
+        calibration, tokenizer = self._context_data(state)
+        ctx = PassContext(structure_of=self.structures, calibration=calibration, reference=self.reference,
+                          tokenizer=tokenizer, model_config=self.model_config,
                           lowering=copy.deepcopy(state.lowering), seed=self.recipe.file.calibration.seed,
                           base_dir=self.recipe.base_dir,
                           progress=lambda **info: self.emit("pass_progress", name=instance.name, **info))
@@ -156,12 +177,13 @@ class PassManager:
         if not result.modified:
             record.status = "unchanged"
             record.cost_after = record.cost_before
-            return CompileState(result.graph_module, state.lowering, state.outputs)
-        candidate = CompileState(result.graph_module, _merge(state.lowering, result.lowering), [])
+            return CompileState(result.graph_module, state.lowering, state.outputs, state.input_maps)
+        candidate = CompileState(result.graph_module, _merge(state.lowering, result.lowering), [],
+                                 state.input_maps + ([result.inputs] if result.inputs is not None else []))
         try:
             candidate.gm.graph.lint()
             record.checks["lint"] = "ok"
-            candidate.outputs = run_batches(hidden_states(candidate.gm), self.calibration.heldout_batches)
+            candidate.outputs = run_batches(hidden_states(candidate.gm), self.map_inputs(candidate, self.calibration.heldout_batches))
             against_reference = self.fidelity(candidate.outputs)
             self.structures(candidate.gm)  # the result must still be an analyzable BERT
         except Exception as exc:
@@ -174,7 +196,7 @@ class PassManager:
         if not against_reference.finite:
             return self._roll_back(record, snapshot, state, "the rewritten graph produced NaN or Inf")
         if instance.is_exact():
-            step_error = compare(state.outputs, candidate.outputs, self.calibration.heldout_batches, self.pooling)
+            step_error = self._exact_error(snapshot, state, candidate, result.inputs, record)
             record.checks["max_abs_error"] = step_error.max_abs_error
             record.checks["tolerance"] = EXACT_TOLERANCE
             if step_error.max_abs_error > EXACT_TOLERANCE:
@@ -199,6 +221,21 @@ class PassManager:
         record.cost_after = self.cost(candidate).as_dict()
         return candidate
 
+    def _exact_error(self, snapshot, state: CompileState, candidate: CompileState, input_map: InputMap | None,
+                     record: PassRecord):
+        """Step error of an exact pass; after an input change, both graphs see the same tokens (dropped ones as [UNK])."""
+        batches = self.map_inputs(state, self.calibration.heldout_batches)
+        if input_map is None:
+            return compare(state.outputs, candidate.outputs, batches, self.pooling)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        lost = sum(int((~input_map.lossless(b) & b["attention_mask"].bool()).sum()) for b in batches)
+        record.checks["heldout_tokens"] = tokens
+        record.checks["heldout_tokens_out_of_interface"] = lost
+        record.checks["heldout_oov_rate"] = round(lost / max(tokens, 1), 6)
+        mapped = [input_map.map_batch(b) for b in batches]
+        before = run_batches(hidden_states(snapshot), [input_map.restore(b) for b in mapped])
+        return compare(before, candidate.outputs, mapped, self.pooling)
+
     def _roll_back(self, record: PassRecord, snapshot, state: CompileState, reason: str, trace: str | None = None) -> CompileState:
         record.status = "rolled_back"
         record.reason = reason
@@ -206,7 +243,11 @@ class PassManager:
             record.details["traceback"] = trace
         record.cost_after = record.cost_before
         self.structures.invalidate()
-        return CompileState(snapshot, state.lowering, state.outputs)
+        return CompileState(snapshot, state.lowering, state.outputs, state.input_maps)
+
+
+# Lowering hints keyed by a name inside (output files, embedding tables), merged entry by entry.
+MERGED_BY_NAME = ("files", "config", "embedding_precision")
 
 
 def _merge(old: dict, new: dict) -> dict:
@@ -214,6 +255,8 @@ def _merge(old: dict, new: dict) -> dict:
     for key, value in new.items():
         if isinstance(value, list) and isinstance(merged.get(key), list):
             merged[key] = sorted(set(merged[key]) | set(value))
+        elif key in MERGED_BY_NAME and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}  # one entry per file / table: a later pass overrides that entry only
         else:
             merged[key] = value
     return merged

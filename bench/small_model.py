@@ -1,0 +1,154 @@
+"""How small and how faithful is the output of an embedding-compression recipe (default recipes/minilm-small.yaml)?
+
+Measured in one run:
+  * folder bytes: every file of the compiled output folder (model, tokenizer, configs, report) against
+    the fp32 original, i.e. a plain fp32 ONNX export of the same model plus the files the compiler
+    carries (tokenizer, configs, pooling), and against the original Hugging Face folder;
+  * held-out in-domain cosine: the recipe's held-out slice (same seed, never used to pick the
+    vocabulary), tokenized by the OUTPUT folder's tokenizer and run by ONNX Runtime, against the
+    reference model on the original tokenization (mean-pooled sentence embeddings);
+  * out-of-vocabulary rate: held-out tokens (original tokenization, special tokens excluded) that
+    the pruned vocabulary does not have, and held-out words the new tokenizer turns into [UNK];
+  * the same cosine on WordNet glosses, a domain the recipe never saw (for information).
+
+Usage: python bench/small_model.py [recipe.yaml] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compiler.calibration import prepare_calibration, wordnet_texts
+from compiler.compile import compile_recipe
+from compiler.frontend import CARRIED_FILES, example_inputs, load_model
+from compiler.lowering import lower_to_onnx
+from compiler.recipe import load_recipe
+from compiler.runtime import session
+from compiler.validation import pool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def fp32_original(loaded, folder: Path) -> int:
+    """A plain fp32 ONNX export of the unmodified model, plus the files a compile carries over."""
+    lower_to_onnx(loaded.model, example_inputs(loaded.tokenizer), folder, quantize=None, fuse=True)
+    for name in CARRIED_FILES:
+        if (loaded.path / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(loaded.path / name, folder / name)
+    return folder_bytes(folder)
+
+
+def embed_reference(loaded, texts: list[str], max_length: int) -> torch.Tensor:
+    out = []
+    for start in range(0, len(texts), 32):
+        enc = loaded.tokenizer(texts[start:start + 32], padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")
+        with torch.no_grad():
+            hidden = loaded.model(**enc)[0]
+        out.append(pool(hidden, enc["attention_mask"]))
+    return torch.cat(out)
+
+
+def embed_output(folder: Path, texts: list[str], max_length: int, threads: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    runner = session(folder / "model.onnx", threads)
+    names = [i.name for i in runner.get_inputs()]
+    out = []
+    for start in range(0, len(texts), 32):
+        enc = tokenizer(texts[start:start + 32], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feed = {name: enc[name].astype(np.int64) if name in enc else np.zeros_like(enc["input_ids"], dtype=np.int64)
+                for name in names}
+        hidden = torch.from_numpy(runner.run(None, feed)[0])
+        out.append(pool(hidden, torch.from_numpy(enc["attention_mask"])))
+    return torch.cat(out)
+
+
+def oov_rates(loaded, folder: Path, texts: list[str]) -> tuple[float, float]:
+    from transformers import AutoTokenizer
+
+    new = AutoTokenizer.from_pretrained(folder)
+    vocab = set(new.get_vocab())
+    old_tokens = [t for text in texts for t in loaded.tokenizer.tokenize(text)]
+    words = [w for text in texts for w in text.split()]
+    unk_words = sum(1 for w in words if new.unk_token in new.tokenize(w) and loaded.tokenizer.unk_token not in
+                    loaded.tokenizer.tokenize(w))
+    return sum(1 for t in old_tokens if t not in vocab) / len(old_tokens), unk_words / len(words)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "minilm-small.yaml"))
+    parser.add_argument("--out", default=None, help="output folder (default: a temporary folder)")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe)
+    settings = recipe.file
+    work = Path(tempfile.mkdtemp(prefix="bertpress-small-"))
+    out = Path(args.out) if args.out else work / "compiled"
+
+    started = time.perf_counter()
+    result = compile_recipe(recipe, out, force=True)
+    compile_seconds = time.perf_counter() - started
+    if result.exit_code != 0:
+        raise SystemExit(f"compile failed (exit {result.exit_code}): {result.report['failure']}")
+    loaded = load_model(settings.model)
+    original = fp32_original(loaded, work / "fp32")
+    hf_folder = folder_bytes(loaded.path)
+    compiled = folder_bytes(out)
+
+    cal = settings.calibration
+    data = prepare_calibration(loaded.tokenizer, source=cal.texts, samples=cal.samples,
+                               validation_samples=cal.validation_samples, max_length=cal.max_length,
+                               batch_size=cal.batch_size, seed=cal.seed, model_max_length=loaded.max_length,
+                               base_dir=recipe.base_dir)
+    heldout = data.heldout_texts
+    threads = settings.target.threads
+    in_domain = torch.nn.functional.cosine_similarity(
+        embed_reference(loaded, heldout, cal.max_length), embed_output(out, heldout, cal.max_length, threads), dim=-1)
+    glosses = random.Random(1).sample(wordnet_texts(), 500)
+    other = torch.nn.functional.cosine_similarity(
+        embed_reference(loaded, glosses, cal.max_length), embed_output(out, glosses, cal.max_length, threads), dim=-1)
+    token_oov, word_unk = oov_rates(loaded, out, heldout)
+    vocab_pass = next((p for p in result.report["passes"] if p["name"] == "prune-vocab"), None)
+
+    print(f"# {Path(args.recipe).name}: compiled in {compile_seconds:.0f} s -> {out}\n")
+    print("| folder | bytes | ratio to fp32 original |")
+    print("|---|---:|---:|")
+    print(f"| original Hugging Face folder ({loaded.path.name}) | {hf_folder:,} | {hf_folder / original:.3f} |")
+    print(f"| fp32 original (ONNX export + carried files) | {original:,} | 1.000 |")
+    print(f"| compiled output (all files) | {compiled:,} | {compiled / original:.4f} ({original / compiled:.2f}x smaller) |")
+    print()
+    print("| file in the output | bytes |")
+    print("|---|---:|")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"| {path.relative_to(out)} | {path.stat().st_size:,} |")
+    print()
+    print("| held-out check (output tokenizer + ONNX Runtime vs reference) | texts | mean cosine | min cosine |")
+    print("|---|---:|---:|---:|")
+    print(f"| in-domain ({cal.texts}, held-out slice) | {len(heldout)} | {float(in_domain.mean()):.4f} | {float(in_domain.min()):.4f} |")
+    print(f"| other domain (WordNet glosses) | {len(glosses)} | {float(other.mean()):.4f} | {float(other.min()):.4f} |")
+    print()
+    if vocab_pass is not None:
+        details = vocab_pass["details"]
+        print(f"tokens kept: {details['tokens_kept']:,} of {details['tokens_before']:,} "
+              f"(from {details['corpus_texts']:,} texts of {details['corpus']})")
+    print(f"held-out OOV: {token_oov:.2%} of tokens not in the kept vocabulary; {word_unk:.2%} of words become [UNK]")
+    print(f"compile's own final check: {result.report['final_check']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""prune-vocab: exact on the kept tokens, a matching tokenizer in the output, unknown words to [UNK]."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from compiler.compile import compile_recipe
+from compiler.errors import PassRefused
+from compiler.graph_edit import get_tensor
+from compiler.pass_manager import PassManager
+from compiler.recipe import load_recipe, load_recipe_text
+from compiler.structure import analyze
+from compiler.validation import hidden_states
+from tests.conftest import write_recipe
+from tests.helpers import calibration_for, run_pass
+
+TEXT = "The function returns a list of values."
+UNSEEN = "漢"  # in BERT's vocabulary, not in Python's docs
+
+
+def _manager(loaded, passes: str, budget: float = 0.5, source: str = "builtin"):
+    recipe = load_recipe_text(f"budget: {{min: {budget}}}\npasses:\n{passes}\n", file="t.yaml")
+    return PassManager(recipe, calibration_for(loaded, source=source), loaded.model, loaded.tokenizer, loaded.config)
+
+
+def test_prune_vocab_is_exact_on_kept_tokens_and_reports_the_oov_rate(tiny, tiny_gm):
+    state, (record,) = _manager(tiny, "  - prune-vocab: {texts: builtin}").run(tiny_gm)
+    assert record.kind == "exact" and record.status == "applied"
+    assert record.checks["max_abs_error"] <= 1e-4
+    assert 0 < record.checks["heldout_tokens_out_of_interface"] < record.checks["heldout_tokens"]
+    assert record.checks["heldout_oov_rate"] == pytest.approx(
+        record.checks["heldout_tokens_out_of_interface"] / record.checks["heldout_tokens"], abs=1e-6)
+    kept = record.details["tokens_kept"]
+    assert 100 < kept < 30522
+    assert tuple(get_tensor(state.gm, analyze(state.gm).embeddings.word_weight).shape) == (kept, 32)
+
+
+def test_new_tokenizer_gives_the_renumbered_ids_and_unknown_words_become_unk(tiny, tiny_gm):
+    result = run_pass("prune-vocab", {"texts": "builtin"}, tiny_gm, tiny)
+    new = result.inputs.tokenizer
+    old_ids = tiny.tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    assert result.inputs.lossless({"input_ids": old_ids}).all()  # Python's docs use all these words
+    assert new(TEXT)["input_ids"] == result.inputs.old_to_new[old_ids[0]].tolist()
+    assert new.convert_ids_to_tokens(new(TEXT)["input_ids"]) == tiny.tokenizer.convert_ids_to_tokens(old_ids[0].tolist())
+    assert tiny.tokenizer.convert_ids_to_tokens(tiny.tokenizer(UNSEEN)["input_ids"]) == ["[CLS]", UNSEEN, "[SEP]"]
+    assert new.convert_ids_to_tokens(new(UNSEEN)["input_ids"]) == ["[CLS]", "[UNK]", "[SEP]"]
+    assert new.pad_token_id == 0 and len(new) == result.details["tokens_kept"]
+    assert result.lowering["files"]["vocab.txt"].splitlines() == new.convert_ids_to_tokens(list(range(len(new))))
+
+
+def test_graph_on_new_ids_equals_graph_before_on_old_ids(tiny, tiny_gm):
+    batch = {k: v for k, v in tiny.tokenizer([TEXT, "A class defines new attributes."], padding=True,
+                                              return_tensors="pt").items()}
+    before = hidden_states(tiny_gm)(batch)
+    result = run_pass("prune-vocab", {"texts": "builtin"}, tiny_gm, tiny)
+    after = hidden_states(result.graph_module)(result.inputs.map_batch(batch))
+    assert torch.equal(before, after)
+
+
+def test_keep_characters_spells_unseen_words_instead_of_unk(tiny, tiny_gm):
+    result = run_pass("prune-vocab", {"keep_characters": True}, tiny_gm, tiny)
+    tokens = result.inputs.tokenizer.convert_ids_to_tokens(result.inputs.tokenizer("zygomorphic")["input_ids"])
+    assert "[UNK]" not in tokens and "".join(t.removeprefix("##") for t in tokens[1:-1]) == "zygomorphic"
+    assert result.details["characters_added"] > 0
+
+
+def test_min_count_keeps_fewer_tokens(tiny, tiny_gm):
+    every = run_pass("prune-vocab", {"texts": "builtin"}, copy.deepcopy(tiny_gm), tiny).details["tokens_kept"]
+    frequent = run_pass("prune-vocab", {"texts": "builtin", "min_count": 5}, tiny_gm, tiny).details["tokens_kept"]
+    assert frequent < every
+
+
+def test_prune_vocab_slices_an_albert_factorized_table(tiny, tiny_gm):
+    passes = "  - low-rank: {rank: 8, target: embeddings}\n  - prune-vocab: {texts: builtin}"
+    state, (factorized, pruned) = _manager(tiny, passes).run(tiny_gm)
+    assert factorized.status == pruned.status == "applied"
+    assert pruned.checks["max_abs_error"] <= 1e-4
+    table = get_tensor(state.gm, analyze(state.gm).embeddings.word_weight)
+    assert tuple(table.shape) == (pruned.details["tokens_kept"], 8)
+
+
+def test_a_corpus_of_only_heldout_texts_is_refused(tiny, tiny_gm, tmp_path):
+    calibration = calibration_for(tiny)
+    corpus = tmp_path / "heldout.txt"
+    corpus.write_text("\n".join(calibration.heldout_texts))
+    with pytest.raises(PassRefused, match="no texts outside the held-out slice"):
+        run_pass("prune-vocab", {"texts": str(corpus)}, tiny_gm, tiny, calibration)
+
+
+def test_compile_writes_the_pruned_tokenizer_and_the_model_takes_its_ids(tiny_dir, tmp_path):
+    recipe = write_recipe(tmp_path, f"model: {tiny_dir}\ncalibration: {{samples: 64, validation_samples: 8, max_length: 32}}\n"
+                                    "budget: {min: 0.5}\npasses:\n  - prune-vocab: {}\n")
+    result = compile_recipe(load_recipe(recipe), tmp_path / "out")
+    assert result.exit_code == 0, result.report.get("failure")
+    out = tmp_path / "out"
+    kept = result.report["passes"][0]["details"]["tokens_kept"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == kept == len((out / "vocab.txt").read_text().splitlines())
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == kept
+    enc = tokenizer([UNSEEN + " " + TEXT], return_tensors="np")
+    assert max(enc["input_ids"][0]) < kept and tokenizer.unk_token_id in enc["input_ids"][0]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    hidden = session.run(None, {name: enc[name].astype("int64") for name in ("input_ids", "attention_mask", "token_type_ids")})[0]
+    assert hidden.shape[:2] == enc["input_ids"].shape
+
+
+@pytest.mark.minilm
+def test_minilm_keeps_a_few_thousand_tokens_of_python_docs_exactly(minilm, minilm_gm):
+    state, (record,) = _manager(minilm, "  - prune-vocab: {texts: builtin}").run(minilm_gm)
+    assert record.status == "applied" and record.checks["max_abs_error"] <= 1e-4
+    assert 1000 < record.details["tokens_kept"] < 5000
+    assert record.checks["heldout_oov_rate"] < 0.05
