@@ -1,4 +1,4 @@
-"""The ``bertpress`` command line: compile, validate, schema.
+"""The ``bertpress`` command line: compile, validate, schema, inspect, bench.
 
 Typed errors become one clear paragraph on stderr and their exit code (2 bad input, 1 a check
 failed); nothing else in the package prints.
@@ -116,6 +116,69 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from .inspect import inspect, plot
+
+    console.print(f"bertpress: inspecting {args.target} at batch {args.batch} x seq {args.seq} ({args.threads} threads)")
+    with console.status("exporting and profiling", spinner="dots"):
+        breakdown = inspect(args.target, batch=args.batch, seq=args.seq, threads=args.threads, runs=args.runs,
+                            allow_pickle=args.allow_pickle)
+    table = Table(title=f"{breakdown.source}: share per component (batch {breakdown.batch} x seq {breakdown.seq})")
+    for column in ("component", "storage est.", "storage meas.", "FLOPs est.", "time est.", "time meas."):
+        table.add_column(column, justify="left" if column == "component" else "right")
+    for component, row in breakdown.shares().items():
+        table.add_row(component, *(_percent(row.get(k)) for k in ("storage_estimated", "storage_measured",
+                                                                     "flops_estimated", "latency_estimated", "time_measured")))
+    out = Console(highlight=False, soft_wrap=True, width=120)  # the component names need the room
+    out.print(table)
+    for finding in breakdown.findings():
+        verdict = {True: "holds", False: "does not hold", None: "not measurable"}[finding["holds"]]
+        out.print(f"  seed finding: {finding['finding']}: {verdict} ({finding['figures']})", markup=False)
+    for note in breakdown.notes:
+        out.print(f"  {note}", markup=False)
+    if args.png:
+        console.print(f"bertpress: wrote {plot(breakdown, Path(args.png))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(breakdown.as_dict(), indent=2) + "\n")
+        console.print(f"bertpress: wrote {args.json}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from rich.table import Table
+
+    from .benchmark import bench
+
+    console.print(f"bertpress: benchmarking {args.output_dir} against {args.against or 'the plain fp32 export'}"
+                  f" at batch {args.batch} x seq {args.seq}, {args.threads} threads, {args.rounds} interleaved rounds")
+    with console.status("measuring", spinner="dots"):
+        result = bench(Path(args.output_dir), against=Path(args.against) if args.against else None, batch=args.batch,
+                       seq=args.seq, threads=args.threads, rounds=args.rounds)
+    table = Table(title=f"latency at batch {args.batch} x seq {args.seq} ({args.threads} threads, medians of {args.rounds})")
+    for column in ("model", "median ms", "p90 ms", "sequences/s", "bytes"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for key, size in (("compiled", result["compiled_bytes"]), ("reference", result["reference_bytes"])):
+        row = result[key]
+        table.add_row(f"{key} ({row['path']})", f"{row['median_ms']:.1f}", f"{row['p90_ms']:.1f}",
+                      f"{row['throughput_per_s']:.1f}", f"{size:,}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(table)
+    console.print(f"speedup (median): {result['speedup_median']:.2f}x; load average before / after:"
+                  f" {result['load_average_before']} / {result['load_average_after']}", markup=False)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.json:
+        Path(args.json).write_text(text)
+        console.print(f"bertpress: wrote {args.json}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertpress", description="Compile BERT-family models with a compression recipe.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of recipe files (or, with --report, of report.json)")
     p.add_argument("--report", action="store_true", help="print the JSON Schema of report.json instead")
     p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("inspect", help="share of storage and compute per component, estimated and measured (ORT profile)")
+    p.add_argument("target", metavar="MODEL_OR_OUTPUT_DIR", help="a Hugging Face folder, builtin:minilm-l6, or a compiled output folder")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3, help="profiled runs, after one warm-up")
+    p.add_argument("--png", help="write the bar chart here (e.g. inspect.png)")
+    p.add_argument("--json", help="write the figures here as JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for trusted models")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("bench", help="latency and throughput of a compiled model vs a reference, interleaved")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR")
+    p.add_argument("--against", metavar="REF", help="reference folder (with model.onnx) or .onnx file; default: the plain"
+                   " fp32 export of the original model")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timed rounds (after 2 warm-ups)")
+    p.add_argument("--json", help="write the figures here (default: print them to stdout)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -114,7 +114,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
     }
     manager = PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config, pooling, instruments)
     point = settings.cost
-    reference_cost = cost_model.estimate(gm, batch=point.batch, seq=point.seq, component_of=structure_before.node_component)
+    reference_cost = cost_model.estimate(gm, batch=point.batch, seq=point.seq, component_of=structure_before.node_component,
+                                         machine=manager.machine)
     report["cost"] = {"reference": reference_cost.as_dict(), "compiled": None}
 
     with staging_dir(out_dir) as staging:
@@ -192,6 +193,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
                 return _fail(report, failure, staging, out_dir, timings, started)
 
         _carry_files(loaded, staging, structure_after.summary(), state.lowering)
+        say("timing the ONNX Runtime model")
+        report["latency"] = _latency(report["cost"]["compiled"], lowered.model_path, staging, settings)
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         report["outputs"] = {"files": files, "total_bytes": sum(files.values())}
         timings["total"] = time.perf_counter() - started
@@ -199,6 +202,17 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         report_io.write(report, staging)
         commit(staging, out_dir)
     return CompileResult(0, report, out_dir)
+
+
+def _latency(compiled_cost: dict, model_path: Path, folder: Path, settings) -> dict:
+    """The cost model's latency estimate next to a brief measurement (3 runs; `bertpress bench` measures properly)."""
+    from .benchmark import measure_latency, vocab_size
+
+    point = settings.cost
+    measured = measure_latency(model_path, batch=point.batch, seq=point.seq, threads=settings.target.threads,
+                               vocab=vocab_size(folder))
+    return {"batch": point.batch, "seq": point.seq, "threads": settings.target.threads,
+            "estimated_ms": compiled_cost.get("latency_ms"), "measured_ms": measured["median_ms"], "runs": measured["runs"]}
 
 
 def _fail(report, failure: CheckFailed, staging: Path, out_dir: Path, timings, started) -> CompileResult:

@@ -4,6 +4,11 @@ Shapes come from propagating fake tensors at the recipe's (batch, seq), so nothi
 any graph a pass produces can be costed. Costs are aggregated per component of the seed's
 breakdown of BERT (embeddings, linear-before-attention, attention-core, linear-after-attention,
 feed-forward, other). Weights shared by several nodes are counted once.
+
+Given a :class:`~compiler.roofline.Machine`, each node also gets a latency estimate: the roofline
+time ``max(flops / peak, bytes moved / bandwidth) + per-kernel overhead``, with the int8 GEMM peak for
+linears that lowering quantizes and the fp32 one otherwise; reshapes and views cost nothing (ORT
+fuses or aliases them).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Interpreter
 
 from .graph_edit import get_tensor
+from .roofline import Machine
 from .simulation import is_simulated
 from .structure import COMPONENTS
 
@@ -38,11 +44,15 @@ class Cost:
     batch: int
     seq: int
     by_component: dict[str, dict[str, int]] = field(default_factory=dict)
+    latency_s: float | None = None  # roofline estimate of one forward pass (needs a Machine)
 
     def as_dict(self) -> dict:
-        return {"parameters": self.parameters, "bytes": self.bytes, "flops": self.flops,
-                "activation_bytes": self.activation_bytes, "batch": self.batch, "seq": self.seq,
-                "by_component": self.by_component}
+        out = {"parameters": self.parameters, "bytes": self.bytes, "flops": self.flops,
+               "activation_bytes": self.activation_bytes, "batch": self.batch, "seq": self.seq,
+               "by_component": self.by_component}
+        if self.latency_s is not None:
+            out["latency_ms"] = round(self.latency_s * 1e3, 4)
+        return out
 
 
 class _ShapeRecorder(Interpreter):
@@ -80,14 +90,46 @@ def node_flops(node, values) -> int:
     return _PER_ELEMENT.get(node.target, 1) * _numel(out)
 
 
+def _weight_target(node) -> str | None:
+    """The get_attr target of a linear's weight, looking through simulated ops (fake int8 rounding)."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    while weight is not None and is_simulated(weight):
+        weight = weight.args[0]
+    return weight.target if weight is not None and weight.op == "get_attr" else None
+
+
+def node_seconds(node, values, flops: int, machine: Machine, int8_weights, weight_bytes: dict[str, int]) -> float:
+    """Roofline time of one node: compute- or memory-bound, plus the kernel overhead."""
+    if node.op != "call_function" or (node.target in _FREE and node.target != aten.embedding.default):
+        return 0.0
+    out = values.get(node)
+    if not isinstance(out, torch.Tensor):
+        return 0.0
+    moved = _numel(out) * out.element_size()
+    peak = machine.fp32_gflops
+    if node.target == aten.linear.default:
+        target = _weight_target(node)
+        moved += weight_bytes.get(target, 0) + _numel(values.get(node.args[0])) * 4
+        if target in int8_weights:
+            peak = machine.int8_gflops
+    elif node.target == aten.scaled_dot_product_attention.default:
+        q, k = values.get(node.args[0]), values.get(node.args[1])
+        scores = _numel(q) // int(q.shape[-1]) * int(k.shape[-2])
+        moved += 3 * _numel(q) * 4 + 2 * scores * 4  # q, k, v in; the score matrix written and read back
+    elif node.target != aten.embedding.default:
+        moved += sum(_numel(values.get(a)) * 4 for a in node.args if isinstance(a, torch.fx.Node))
+    return max(flops / (peak * 1e9), moved / (machine.bandwidth_gbs * 1e9)) + machine.overhead_us * 1e-6
+
+
 def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None = None,
              int8_weights: set[str] | frozenset = frozenset(), fp16_weights: set[str] | frozenset = frozenset(),
-             sparse_weights: set[str] | frozenset = frozenset()) -> Cost:
+             sparse_weights: set[str] | frozenset = frozenset(), machine: Machine | None = None) -> Cost:
     """Estimate the cost of one forward pass at (batch, seq).
 
     ``int8_weights``/``fp16_weights`` name weights that lowering will store in that precision
     (int8 per-channel: one byte per element plus a float scale per output channel). ``sparse_weights``
     are stored as sparse initializers (nonzeros + indices) when that is smaller; their FLOPs stay dense.
+    With a ``machine`` (see :func:`compiler.roofline.machine`) the cost includes a roofline latency.
     """
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -102,6 +144,8 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
     per: dict[str, dict[str, int]] = {c: defaultdict(int) for c in COMPONENTS}
     seen_storage: set = set()
     parameters = stored = flops = activations = 0
+    weight_bytes: dict[str, int] = {}
+    seconds = 0.0
     for node in gm.graph.nodes:
         component = component_of.get(node, "other")
         if node.op == "get_attr":
@@ -125,6 +169,7 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
                 scales = 4 * int(tensor.shape[0]) if node.target in int8_weights else 0
                 element = (size - scales) // max(count, 1)
                 size = sparse_bytes(count, int(torch.count_nonzero(tensor)), element) + scales
+            weight_bytes[node.target] = size
             parameters += count
             stored += size
             per[component]["parameters"] += count
@@ -135,10 +180,15 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
         node_cost = node_flops(node, values)
         flops += node_cost
         per[component]["flops"] += node_cost
+        if machine is not None:
+            node_time = node_seconds(node, values, node_cost, machine, int8_weights, weight_bytes)
+            seconds += node_time
+            per[component]["latency_ns"] += int(node_time * 1e9)
         out = values.get(node)
         if node.op == "call_function" and node.target not in _FREE and isinstance(out, torch.Tensor):
             size = _numel(out) * out.element_size()
             activations += size
             per[component]["activation_bytes"] += size
     by_component = {c: {k: int(v) for k, v in sorted(per[c].items())} for c in COMPONENTS if per[c]}
-    return Cost(parameters, stored, flops, activations, batch, seq, by_component)
+    return Cost(parameters, stored, flops, activations, batch, seq, by_component,
+                latency_s=seconds if machine is not None else None)

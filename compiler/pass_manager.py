@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import cost_model
+from . import cost_model, roofline
 from .calibration import CalibrationData
 from .errors import BertpressError, CheckFailed, PassRefused
 from .pass_infra import InputMap, Pass, PassContext, get_pass
@@ -27,6 +27,8 @@ from .structure import BertStructure, analyze
 from .validation import compare, hidden_states, run_batches
 
 EXACT_TOLERANCE = 1e-4
+# A lossy pass that makes the estimated latency worse by more than this, without saving bytes, does not pay.
+LATENCY_SLACK = 0.02
 
 
 @dataclass
@@ -86,6 +88,8 @@ class PassManager:
         self.pooling = pooling
         self.instruments = instruments or []
         self.structures = StructureCache()
+        # The roofline of the target's thread count: measured once per machine, then read from the user's cache.
+        self.machine = roofline.machine(recipe.file.target.threads)
         self.reference_outputs = run_batches(hidden_states(reference), calibration.heldout_batches)
 
     def emit(self, event: str, **payload) -> None:
@@ -99,7 +103,7 @@ class PassManager:
             state.gm, batch=point.batch, seq=point.seq, component_of=structure.node_component,
             int8_weights=set(state.lowering.get("int8_weights", ())),
             fp16_weights=set(state.lowering.get("fp16_weights", ())),
-            sparse_weights=set(state.lowering.get("sparse_weights", ())),
+            sparse_weights=set(state.lowering.get("sparse_weights", ())), machine=self.machine,
         )
 
     def fidelity(self, outputs: list[torch.Tensor]):
@@ -120,7 +124,6 @@ class PassManager:
                                           heldout_batches=self.map_inputs(state, self.calibration.heldout_batches))
         tokenizer = next((m.tokenizer for m in reversed(state.input_maps) if m.tokenizer is not None), self.tokenizer)
         return calibration, tokenizer
-
 
     def run(self, gm: torch.fx.GraphModule) -> tuple[CompileState, list[PassRecord]]:
         state = CompileState(gm=gm, lowering={}, outputs=run_batches(hidden_states(gm), self.calibration.heldout_batches))
@@ -217,8 +220,16 @@ class PassManager:
                     return self._roll_back(
                         record, snapshot, state,
                         f"a healing pass lowered fidelity: held-out mean cosine {before:.4f} -> {against_reference.cosine:.4f}")
-        record.status = "applied"
         record.cost_after = self.cost(candidate).as_dict()
+        if not instance.is_exact() and not instance.heals:
+            before, after = record.cost_before, record.cost_after
+            slower = after["latency_ms"] > before["latency_ms"] * (1 + LATENCY_SLACK)
+            if slower and after["bytes"] >= before["bytes"]:
+                return self._roll_back(
+                    record, snapshot, state,
+                    f"the pass does not pay: estimated latency {before['latency_ms']:.2f} -> {after['latency_ms']:.2f} ms"
+                    f" at batch {before['batch']} x seq {before['seq']} with no bytes saved ({before['bytes']:,} -> {after['bytes']:,})")
+        record.status = "applied"
         return candidate
 
     def _exact_error(self, snapshot, state: CompileState, candidate: CompileState, input_map: InputMap | None,

@@ -67,6 +67,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         ref, out = cost["reference"], cost["compiled"]
         lines.append(f"Estimated at batch {ref['batch']}, seq {ref['seq']}: weights {_mb(ref['bytes'])} -> {_mb(out['bytes'])},"
                      f" {_gflops(ref['flops'])} -> {_gflops(out['flops'])}.")
+    latency = report.get("latency")
+    if latency and latency.get("estimated_ms") is not None:
+        reference_ms = (cost or {}).get("reference", {}).get("latency_ms")
+        lines.append(f"Latency at batch {latency['batch']}, seq {latency['seq']}, {latency['threads']} threads: estimated"
+                     f" {latency['estimated_ms']:.1f} ms (reference estimated {reference_ms:.1f} ms), measured"
+                     f" {latency['measured_ms']:.1f} ms (median of {latency['runs']} runs; `bertpress bench` measures properly).")
     outputs = report.get("outputs")
     if outputs:
         lines.append(f"Output: {outputs['total_bytes'] / 1e6:.1f} MB in {len(outputs['files'])} files.")

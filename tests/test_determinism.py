@@ -43,6 +43,7 @@ passes:
     reports = [json.loads((folder / "report.json").read_text()) for folder in (first, second)]
     for report in reports:
         report.pop("timings")
+        report.pop("latency")  # holds a measured latency
         report["lowering"].pop("seconds")
         for row in report["passes"]:
             row.pop("seconds")

@@ -1,0 +1,101 @@
+"""The machine roofline (measured once, cached, refreshable) and the cost model's latency estimate built on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from compiler import cost_model, roofline
+from compiler.frontend import example_inputs, trace
+from compiler.pass_manager import PassManager
+from compiler.recipe import load_recipe_text
+from compiler.structure import analyze
+from tests.helpers import calibration_for
+
+# A made-up machine for the estimate's arithmetic: int8 GEMMs 4x fp32, as on CPUs with VNNI.
+MACHINE = roofline.Machine(fp32_gflops=50.0, int8_gflops=200.0, bandwidth_gbs=10.0, overhead_us=2.0, threads=2,
+                           onnxruntime="test", cpu="test", measured_at="test")
+
+
+@pytest.fixture()
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    return roofline.measure(1, runs=2)
+
+
+def test_measured_roofline_has_positive_peaks(measured):
+    assert measured.fp32_gflops > 0 and measured.int8_gflops > 0
+    assert measured.bandwidth_gbs > 0 and measured.overhead_us > 0
+    assert measured.threads == 1
+
+
+def test_roofline_is_cached_under_xdg_cache_home_and_read_back_without_measuring(cache_home, measured, monkeypatch):
+    monkeypatch.setattr(roofline, "measure", lambda threads: dataclasses.replace(measured, threads=threads))
+    first = roofline.machine(1)
+    assert roofline.cache_path() == cache_home / "bertpress" / "roofline.json"
+    assert len(json.loads(roofline.cache_path().read_text())) == 1
+    monkeypatch.setattr(roofline, "measure", lambda threads: pytest.fail("a cached roofline was measured again"))
+    assert roofline.machine(1) == first
+
+
+def test_refresh_measures_again_and_thread_counts_are_cached_apart(cache_home, measured, monkeypatch):
+    calls = []
+    monkeypatch.setattr(roofline, "measure", lambda threads: calls.append(threads) or dataclasses.replace(measured, threads=threads))
+    roofline.machine(1)
+    roofline.machine(1, refresh=True)
+    roofline.machine(2)
+    assert calls == [1, 1, 2]
+    assert len(json.loads(roofline.cache_path().read_text())) == 2
+
+
+def test_corrupt_cache_is_measured_again(cache_home, measured, monkeypatch):
+    roofline.cache_path().parent.mkdir(parents=True)
+    roofline.cache_path().write_text("{not json")
+    monkeypatch.setattr(roofline, "measure", lambda threads: measured)
+    assert roofline.machine(1) == measured
+    assert json.loads(roofline.cache_path().read_text())
+
+
+def _cost(gm, **kwargs):
+    return cost_model.estimate(gm, batch=8, seq=32, component_of=analyze(gm).node_component, machine=MACHINE, **kwargs)
+
+
+def test_latency_per_component_adds_up_to_the_total(tiny_gm):
+    cost = _cost(tiny_gm)
+    per_component = sum(figures.get("latency_ns", 0) for figures in cost.by_component.values())
+    assert cost.latency_s > 0
+    assert per_component == pytest.approx(cost.latency_s * 1e9, rel=1e-3)
+    assert cost.as_dict()["latency_ms"] == pytest.approx(cost.latency_s * 1e3, rel=1e-3)
+
+
+def test_int8_linears_are_estimated_faster_than_fp32(tiny_gm):
+    structure = analyze(tiny_gm)
+    int8 = {lin.weight for layer in structure.layers for lin in (layer.ffn.up, layer.ffn.down)}
+    fp32, quantized = _cost(tiny_gm), _cost(tiny_gm, int8_weights=int8)
+    assert quantized.by_component["feed-forward"]["latency_ns"] < fp32.by_component["feed-forward"]["latency_ns"]
+    assert quantized.by_component["embeddings"] == fp32.by_component["embeddings"]
+
+
+def test_estimate_without_machine_has_no_latency(tiny_gm):
+    cost = cost_model.estimate(tiny_gm, batch=2, seq=16)
+    assert cost.latency_s is None and "latency_ms" not in cost.as_dict()
+
+
+def test_pass_manager_rolls_back_a_lossy_pass_that_does_not_pay(tiny, monkeypatch):
+    # Low-rank above break-even (forced) makes every FFN linear bigger and slower: nothing is gained.
+    monkeypatch.setattr(roofline, "machine", lambda threads, refresh=False: MACHINE)
+    text = ("budget: {min: 0.5}\npasses:\n  - low-rank: {target: ffn, rank: 28, force: true,"
+            " reason: test, on_fail: skip}\n  - layer-drop: {layers: [1]}\n")
+    manager = PassManager(load_recipe_text(text, file="t.yaml"), calibration_for(tiny), tiny.model, tiny.tokenizer, tiny.config)
+    gm = trace(tiny.model, example_inputs(tiny.tokenizer), tiny.max_length)
+    _, records = manager.run(gm)
+    assert [r.status for r in records] == ["skipped", "applied"]
+    assert "does not pay" in records[0].reason
+    assert records[1].cost_after["latency_ms"] < records[1].cost_before["latency_ms"]
