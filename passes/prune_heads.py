@@ -154,6 +154,9 @@ def _refuse_shared_weights(pass_: Pass, structure) -> None:
     for layer in structure.layers:
         a = layer.attention
         for lin in (a.query, a.key, a.value, a.output):
+            if lin.factor is not None:
+                raise pass_.refuse(f"{lin.weight} is factorized (low-rank); its rows no longer map to heads.",
+                                   fix="run prune-heads before low-rank.")
             other = seen.setdefault(lin.weight, layer.index)
             if other != layer.index:
                 raise pass_.refuse(f"layers {other} and {layer.index} share the weight {lin.weight}; removing heads"

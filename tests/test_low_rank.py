@@ -91,3 +91,9 @@ def test_minilm_low_rank_ffn_lowers_with_fusions(minilm, minilm_gm, tmp_path):
     batch = dict(minilm.tokenizer(["a sentence to embed"], return_tensors="pt"))
     pooled = [hidden_states(m)(batch).mean(1) for m in (minilm.model, result.graph_module)]
     assert torch.nn.functional.cosine_similarity(*pooled).item() > 0.3
+
+
+def test_pruning_a_factorized_ffn_is_refused(tiny, tiny_gm):
+    gm = run_pass("low-rank", {"rank": 8, "target": "ffn"}, tiny_gm, tiny).graph_module
+    with pytest.raises(PassRefused, match="run prune-ffn before low-rank"):
+        run_pass("prune-ffn", {"keep": 16}, gm, tiny)
