@@ -51,6 +51,11 @@ RUNS = [
      {"layer_map": "kept"}),
     ("output + hidden + attention, lr 1e-4", "builtin:wordnet", {"output": 1, "hidden": 1, "attention": 1},
      {"lr": 1e-4}),
+    # 1500 texts per source: about all Python-docs sentences and as many glosses (as the recipe).
+    ("output + hidden + attention", ["builtin", "builtin:wordnet"], {"output": 1, "hidden": 1, "attention": 1},
+     {"samples": 3000}),
+    ("output + hidden + attention, packed", ["builtin", "builtin:wordnet"], {"output": 1, "hidden": 1, "attention": 1},
+     {"samples": 3000, "pack": True}),
 ]
 
 
@@ -94,7 +99,7 @@ def stage_recipe(sections: dict) -> None:
     sections["recipe"] = "\n".join([
         f"## `recipes/minilm-distill.yaml`, compiled by this script (exit code {report['exit_code']})", "",
         *rows, "",
-        f"Held-out cosine (64 Python-docs texts, never trained on; distill trains on WordNet glosses): "
+        f"Held-out cosine (64 Python-docs texts, never trained on; distill trains on {details.get('texts')}): "
         f"**{before} before distill -> {after} after** ({closed:.0%} of the gap to 1.0 closed)." if closed is not None
         else "Distill did not report before/after cosines.",
         f"Distill: {details.get('steps')} steps in {details.get('seconds')} s ({details.get('seconds_per_step')} s/step),"
@@ -106,7 +111,22 @@ def stage_recipe(sections: dict) -> None:
     ])
 
 
+def _texts_label(texts) -> str:
+    return texts if isinstance(texts, str) else " + ".join(texts)
+
+
+def table_rows(section: str) -> dict[tuple[str, str], str]:
+    """Result rows of an earlier ablation table, keyed by (run, trained on), so --only reruns replace just theirs."""
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 8 and cells[2].isdigit() and cells[2] != "0":
+            rows[(cells[0], cells[1])] = line
+    return rows
+
+
 def stage_ablation(sections: dict, steps: int, only: list[int] | None) -> None:
+    previous_rows = table_rows(sections.get("ablation", ""))
     loaded = load_model("builtin:minilm-l6")
     gm = trace(loaded.model, example_inputs(loaded.tokenizer), max_length=loaded.max_length)
     docs = prepare_calibration(loaded.tokenizer, source="builtin", samples=256, validation_samples=64, max_length=128,
@@ -128,7 +148,7 @@ def stage_ablation(sections: dict, steps: int, only: list[int] | None) -> None:
     # Both held-out slices are removed from every run's training text.
     training = CalibrationData(texts=docs.texts, heldout_texts=docs.heldout_texts + wordnet.heldout_texts,
                                batches=docs.batches, heldout_batches=docs.heldout_batches, truncated=0)
-    rows = []
+    rows = dict(previous_rows)
     header = ["| run | trained on | steps | s/step | held-out python docs | held-out wordnet | gap closed (docs / wordnet) | load |",
               "|---|---|---|---|---|---|---|---|",
               f"| student before distill (drop {drop.details['dropped']}, 6 heads) | - | 0 | - | {before['python docs']:.4f} |"
@@ -143,17 +163,18 @@ def stage_ablation(sections: dict, steps: int, only: list[int] | None) -> None:
         result = run_pass("distill", options, student, loaded, training)
         after = cosines(student)
         closed = {k: (after[k] - before[k]) / (1 - before[k]) for k in after}
-        rows.append(f"| {label} | {texts} | {steps} | {result.details['seconds_per_step']:.2f} |"
-                    f" {after['python docs']:.4f} | {after['wordnet']:.4f} |"
-                    f" {closed['python docs']:+.0%} / {closed['wordnet']:+.0%} | {load_before} |")
-        print(rows[-1], flush=True)
+        key = (label, _texts_label(texts))
+        rows[key] = (f"| {key[0]} | {key[1]} | {steps} | {result.details['seconds_per_step']:.2f} |"
+                     f" {after['python docs']:.4f} | {after['wordnet']:.4f} |"
+                     f" {closed['python docs']:+.0%} / {closed['wordnet']:+.0%} | {load_before} |")
+        print(rows[key], flush=True)
         sections["ablation"] = "\n".join([
             f"## Ablation: {steps} steps each (batch 16, length 64, AdamW lr 5e-4 unless noted, 10% warmup, linear decay)", "",
             "Student: MiniLM-L6 with the 2 least important blocks dropped and 6 of 12 heads kept per layer"
             " (gradient importance, bias compensation), chosen on Python-docs calibration text."
             " Held-out: 64 Python-docs sentences and 64 WordNet glosses, removed from all training text."
             " `builtin` = Python reference documentation sentences; `builtin:wordnet` = WordNet glosses.", "",
-            *header, *rows])
+            *header, *rows.values()])
         write(sections)
 
 
