@@ -162,6 +162,7 @@ class CalibrationData:
     batches: list[dict[str, torch.Tensor]]
     heldout_batches: list[dict[str, torch.Tensor]]
     truncated: int  # how many texts were longer than max_length
+    max_length: int | None = None  # tokens per text; a pass that changes the tokenizer re-tokenizes to it
 
 
 def _segments(text: str | tuple[str, str]) -> tuple[str, ...]:
@@ -199,5 +200,5 @@ def prepare_calibration(tokenizer, *, source: str, samples: int, validation_samp
         texts=calibration, heldout_texts=heldout,
         batches=tokenize_batches(tokenizer, calibration, length, batch_size),
         heldout_batches=tokenize_batches(tokenizer, heldout, length, batch_size),
-        truncated=truncated,
+        truncated=truncated, max_length=length,
     )

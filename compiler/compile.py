@@ -26,7 +26,7 @@ from .recipe import Recipe
 from .runtime import ort_runner, session
 from .simulation import strip_simulation
 from .structure import analyze
-from .validation import compare, pooling_mode, run_batches
+from .validation import pooling_mode, run_batches
 
 
 @dataclass
@@ -137,7 +137,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         strip_simulation(final)
         quant = state.lowering.get("quantize") or {}
         # After an input-interface change (prune-vocab) the graph takes renumbered ids.
-        heldout = manager.map_inputs(state, calibration.heldout_batches)
+        heldout = manager.heldout(state)
         lowered = lower_to_onnx(final, manager.map_inputs(state, [example])[0], staging,
                                 quantize=_quantize_spec(state.lowering), fuse=settings.target.fusions,
                                 fp16=quant.get("dtype") == "fp16")
@@ -160,7 +160,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         mark = time.perf_counter()
         runner = ort_runner(session(lowered.model_path, settings.target.threads))
         final_outputs = run_batches(runner, heldout)
-        check = compare(manager.reference_outputs, final_outputs, heldout, pooling)
+        check = manager.fidelity(final_outputs, state)
         timings["final_check"] = time.perf_counter() - mark
         passed = check.finite and check.cosine >= settings.budget.min
         report["final_check"] = {**check.as_dict(), "budget_metric": settings.budget.metric,

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from . import cost_model, roofline
-from .calibration import CalibrationData
+from .calibration import CalibrationData, tokenize_batches
 from .errors import BertpressError, CheckFailed, PassRefused
 from .pass_infra import InputMap, Pass, PassContext, get_pass
 from .recipe import Recipe
@@ -106,8 +106,38 @@ class PassManager:
             sparse_weights=set(state.lowering.get("sparse_weights", ())), machine=self.machine,
         )
 
-    def fidelity(self, outputs: list[torch.Tensor]):
-        return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling)
+    def fidelity(self, outputs: list[torch.Tensor], state: CompileState | None = None):
+        """Held-out fidelity against the reference; ``outputs`` are on ``heldout(state)``."""
+        if state is None or not state.input_maps:
+            return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling)
+        batches = self.heldout(state)
+        aligned = []
+        for reference, batch in zip(self.calibration.heldout_batches, batches):
+            restored = batch
+            for input_map in reversed(state.input_maps):
+                restored = input_map.restore(restored)
+            n, m = reference["attention_mask"].sum(1), batch["attention_mask"].sum(1)
+            aligned.append(torch.tensor([bool(n[i] == m[i]) and torch.equal(reference["input_ids"][i, :n[i]],
+                                                                           restored["input_ids"][i, :n[i]])
+                                         for i in range(len(n))]))
+        return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling,
+                       candidate_batches=batches, aligned=aligned)
+
+    def heldout(self, state: CompileState) -> list[dict[str, torch.Tensor]]:
+        """The held-out texts as the graph of ``state`` takes them."""
+        return self._inputs(state, self.calibration.heldout_texts, self.calibration.heldout_batches)
+
+    def _inputs(self, state: CompileState, texts: list[str], batches: list[dict[str, torch.Tensor]]):
+        # Text goes through the newest tokenizer, as a user of the output would tokenize it (a word whose
+        # pieces were dropped may be split differently, or become one [UNK]); later id maps apply on top.
+        maps = state.input_maps
+        last = max((i for i, m in enumerate(maps) if m.tokenizer is not None), default=-1)
+        if last >= 0:
+            length = self.calibration.max_length or max(b["input_ids"].shape[1] for b in batches)
+            batches = tokenize_batches(maps[last].tokenizer, texts, length, len(batches[0]["input_ids"]))
+        for input_map in maps[last + 1:]:
+            batches = [input_map.map_batch(batch) for batch in batches]
+        return batches
 
     @staticmethod
     def map_inputs(state: CompileState, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -120,8 +150,8 @@ class PassManager:
         # Passes after an interface change calibrate on batches (and a tokenizer) that fit the graph they rewrite.
         if not state.input_maps:
             return self.calibration, self.tokenizer
-        calibration = dataclasses.replace(self.calibration, batches=self.map_inputs(state, self.calibration.batches),
-                                          heldout_batches=self.map_inputs(state, self.calibration.heldout_batches))
+        calibration = dataclasses.replace(self.calibration, batches=self._inputs(state, self.calibration.texts, self.calibration.batches),
+                                          heldout_batches=self.heldout(state))
         tokenizer = next((m.tokenizer for m in reversed(state.input_maps) if m.tokenizer is not None), self.tokenizer)
         return calibration, tokenizer
 
@@ -186,8 +216,8 @@ class PassManager:
         try:
             candidate.gm.graph.lint()
             record.checks["lint"] = "ok"
-            candidate.outputs = run_batches(hidden_states(candidate.gm), self.map_inputs(candidate, self.calibration.heldout_batches))
-            against_reference = self.fidelity(candidate.outputs)
+            candidate.outputs = run_batches(hidden_states(candidate.gm), self.heldout(candidate))
+            against_reference = self.fidelity(candidate.outputs, candidate)
             self.structures(candidate.gm)  # the result must still be an analyzable BERT
         except Exception as exc:
             self.structures.invalidate()
@@ -214,7 +244,7 @@ class PassManager:
                     record, snapshot, state,
                     f"fidelity budget broken: held-out mean cosine {against_reference.cosine:.4f} < {budget.min}")
             if instance.heals:
-                before = self.fidelity(state.outputs).cosine
+                before = self.fidelity(state.outputs, state).cosine
                 record.checks["cosine_before"] = round(before, 6)
                 if against_reference.cosine < before:
                     return self._roll_back(
@@ -235,7 +265,7 @@ class PassManager:
     def _exact_error(self, snapshot, state: CompileState, candidate: CompileState, input_map: InputMap | None,
                      record: PassRecord):
         """Step error of an exact pass; after an input change, both graphs see the same tokens (dropped ones as [UNK])."""
-        batches = self.map_inputs(state, self.calibration.heldout_batches)
+        batches = self.heldout(state)
         if input_map is None:
             return compare(state.outputs, candidate.outputs, batches, self.pooling)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -243,9 +273,10 @@ class PassManager:
         record.checks["heldout_tokens"] = tokens
         record.checks["heldout_tokens_out_of_interface"] = lost
         record.checks["heldout_oov_rate"] = round(lost / max(tokens, 1), 6)
+        # Same tokens on both sides: ids mapped one by one, and the graph before sees [UNK] where the new one does.
         mapped = [input_map.map_batch(b) for b in batches]
         before = run_batches(hidden_states(snapshot), [input_map.restore(b) for b in mapped])
-        return compare(before, candidate.outputs, mapped, self.pooling)
+        return compare(before, run_batches(hidden_states(candidate.gm), mapped), mapped, self.pooling)
 
     def _roll_back(self, record: PassRecord, snapshot, state: CompileState, reason: str, trace: str | None = None) -> CompileState:
         record.status = "rolled_back"

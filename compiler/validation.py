@@ -54,17 +54,29 @@ def run_batches(runner: Runner, batches: list[dict[str, torch.Tensor]]) -> list[
 
 
 def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], batches: list[dict[str, torch.Tensor]],
-            pooling: str = "mean") -> Comparison:
-    """Compare hidden states on real (non-padding) tokens and pooled embeddings per text."""
+            pooling: str = "mean", candidate_batches: list[dict[str, torch.Tensor]] | None = None,
+            aligned: list[torch.Tensor] | None = None) -> Comparison:
+    """Compare hidden states on real (non-padding) tokens and pooled embeddings per text.
+
+    ``candidate_batches`` are the same texts tokenized for the candidate when its tokenizer differs
+    (prune-vocab); then ``aligned`` [batch] marks the texts tokenized to the same tokens, the only
+    ones whose hidden states are compared token by token (right padding: their first n positions).
+    """
     max_abs, cosines, finite = 0.0, [], True
-    for ref, cand, batch in zip(reference, candidate, batches):
-        mask = batch["attention_mask"].bool()
-        if ref.shape != cand.shape:
-            raise ValueError(f"output shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
-        finite = finite and bool(torch.isfinite(cand[mask]).all())
-        max_abs = max(max_abs, float((ref - cand)[mask].abs().max()))
+    candidate_batches = candidate_batches or batches
+    for index, (ref, cand, batch, cbatch) in enumerate(zip(reference, candidate, batches, candidate_batches)):
+        mask, cmask = batch["attention_mask"].bool(), cbatch["attention_mask"].bool()
+        finite = finite and bool(torch.isfinite(cand[cmask]).all())
+        if aligned is None:
+            if ref.shape != cand.shape:
+                raise ValueError(f"output shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
+            max_abs = max(max_abs, float((ref - cand)[mask].abs().max()))
+        else:
+            for row in aligned[index].nonzero().flatten().tolist():
+                n = int(mask[row].sum())
+                max_abs = max(max_abs, float((ref[row, :n] - cand[row, :n]).abs().max()))
         cos = torch.nn.functional.cosine_similarity(pool(ref, batch["attention_mask"], pooling),
-                                                    pool(cand, batch["attention_mask"], pooling), dim=-1)
+                                                    pool(cand, cbatch["attention_mask"], pooling), dim=-1)
         cosines.append(cos)
     all_cos = torch.cat(cosines)
     return Comparison(max_abs, float(all_cos.mean()), float(all_cos.min()), finite)

@@ -42,11 +42,13 @@ class PruneVocabConfig(PassConfig):
     samples: int | None = Field(None, ge=1, description="Use at most this many texts of the corpus (seeded sample); default all.")
     min_count: int = Field(1, ge=1, description="Keep a corpus token only if it occurs at least this often.")
     keep_top: int = Field(0, ge=0, description="Also keep the N tokens most frequent in frequency_texts (common words the"
-                          " domain corpus happened to miss).")
+                          " domain corpus happened to miss). MiniLM, 1,600 Python-docs texts, 200 held out: 2,297 tokens"
+                          " and held-out cosine 0.970 alone; 4,322 / 0.987 with keep_top 3000; 8,714 / 0.991 with 8000.")
     frequency_texts: str = Field("builtin:wordnet", description="General corpus that ranks tokens for keep_top.")
     keep_characters: bool = Field(
         False, description="Also keep every single-character token and its '##' continuation, so an unseen word is"
-        " spelled out in pieces instead of becoming [UNK].")
+        " spelled out in pieces instead of becoming [UNK] (on MiniLM + Python docs it added 1,893 rows and did not"
+        " raise held-out cosine: 0.9696 -> 0.9695).")
 
 
 class TokenIdMap(InputMap):

@@ -11,8 +11,10 @@ import torch
 from transformers import AutoTokenizer
 
 from compiler.compile import compile_recipe
+from compiler import pass_infra
 from compiler.errors import PassRefused
 from compiler.graph_edit import get_tensor
+from compiler.pass_infra import Pass, PassResult, register_pass
 from compiler.pass_manager import PassManager
 from compiler.recipe import load_recipe, load_recipe_text
 from compiler.structure import analyze
@@ -108,6 +110,33 @@ def test_compile_writes_the_pruned_tokenizer_and_the_model_takes_its_ids(tiny_di
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     hidden = session.run(None, {name: enc[name].astype("int64") for name in ("input_ids", "attention_mask", "token_type_ids")})[0]
     assert hidden.shape[:2] == enc["input_ids"].shape
+
+
+@pytest.fixture()
+def calibration_reader():
+    """A pass after prune-vocab that runs the graph on ctx's calibration batches and tokenizes with ctx's tokenizer."""
+    seen = {}
+
+    class ReadsCalibration(Pass):
+        name = "test-reads-calibration"
+        kind = "exact"
+
+        def run(self, gm, ctx):
+            seen["vocab"] = len(ctx.tokenizer)
+            seen["max_id"] = max(int(b["input_ids"].max()) for b in ctx.calibration.batches)
+            hidden_states(gm)(ctx.calibration.batches[0])  # indexes the pruned table
+            return PassResult(gm, modified=False)
+
+    register_pass(ReadsCalibration)
+    yield seen
+    pass_infra._REGISTRY.pop("test-reads-calibration")
+
+
+def test_passes_after_prune_vocab_get_batches_and_a_tokenizer_in_the_new_ids(tiny, tiny_gm, calibration_reader):
+    passes = "  - prune-vocab: {}\n  - test-reads-calibration: {}"
+    _, (pruned, reader) = _manager(tiny, passes).run(tiny_gm)
+    assert reader.status == "unchanged"
+    assert calibration_reader["vocab"] == pruned.details["tokens_kept"] > calibration_reader["max_id"]
 
 
 @pytest.mark.minilm
