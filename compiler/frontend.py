@@ -165,8 +165,28 @@ def trace(model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_length: i
             fix="bertpress supports BERT-family encoders (BERT, MiniLM, RoBERTa-style) from transformers.",
         ) from None
     gm = program.module()
+    _own_weights(gm)
     _drop_inference_dropouts(gm)
     return gm
+
+
+def _own_weights(gm: torch.fx.GraphModule) -> None:
+    """Give the graph its own copy of every weight (torch.export shares the reference's tensors).
+
+    Without this, a pass that edits a weight in place (or training in distill) would silently edit
+    the reference it is validated against. Tensors shared inside the model stay shared.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for store in [m._parameters for m in gm.modules()] + [m._buffers for m in gm.modules()]:
+            for name, tensor in store.items():
+                if tensor is None:
+                    continue
+                key = tensor.untyped_storage().data_ptr()
+                if key not in copies:
+                    copies[key] = tensor.detach().clone()
+                clone = copies[key]
+                store[name] = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else clone
 
 
 def _drop_inference_dropouts(gm: torch.fx.GraphModule) -> None:

@@ -72,3 +72,12 @@ def test_trace_of_the_real_minilm_is_exact(minilm, minilm_gm):
                              padding=True, return_tensors="pt")
     batch = dict(batch)
     assert torch.allclose(hidden_states(minilm_gm)(batch), hidden_states(minilm.model)(batch), atol=1e-5)
+
+
+def test_traced_graph_owns_its_weights(tiny, tiny_gm):
+    ref = dict(tiny.model.named_parameters())["encoder.layer.0.intermediate.dense.weight"]
+    traced = tiny_gm.get_parameter("encoder.layer.0.intermediate.dense.weight")
+    assert torch.equal(ref, traced) and ref.data_ptr() != traced.data_ptr()
+    with torch.no_grad():
+        traced.add_(1.0)  # a pass editing in place must not touch the reference
+    assert not torch.equal(ref, traced)
