@@ -5,9 +5,9 @@ table) to the rows of the kept tokens: the special tokens, every token the domai
 to (at least ``min_count`` times), optionally the ``keep_top`` most frequent tokens of a general
 corpus and every single-character token. Kept tokens keep their relative order, so [PAD] stays id 0.
 The pass returns the new tokenizer (vocab.txt, tokenizer.json, tokenizer_config.json, written into
-the output folder by the driver) and an :class:`InputMap` that renumbers ids tokenized by the old
-tokenizer (tokens that were dropped become [UNK]), so the manager validates the new graph on its
-held-out batches and later passes calibrate in the new ids.
+the output folder by the driver) and an :class:`InputMap` carrying it, so the manager re-tokenizes
+its held-out (and calibration) texts as a user of the output would and later passes calibrate in
+the new ids; the map also renumbers old ids one by one (dropped tokens become [UNK]) for the exact check.
 
 Exact on in-vocabulary text: the manager checks it to 1e-4 on the held-out texts, with the dropped
 tokens replaced by [UNK] for the graph before it too (``InputMap.restore``), and reports the share
