@@ -1,0 +1,432 @@
+"""bertpress vs its peers on all-MiniLM-L6-v2, side by side, in one run; writes bench/RESULTS.md.
+
+Measured in one process, on the same inputs:
+  * plain fp32 ONNX export (dynamo, no fusions, no quantization): the baseline every ratio is against;
+  * PyTorch eager fp32, and PyTorch dynamic int8 (torch.ao.quantization.quantize_dynamic on nn.Linear);
+  * the best peer pipeline, as Hugging Face Optimum runs it: legacy TorchScript export
+    (torch.onnx.export(..., dynamo=False); used here only as the peer, never in bertpress) ->
+    onnxruntime.transformers optimizer (model_type bert) -> onnxruntime quantize_dynamic int8 per-channel;
+  * every recipe in recipes/, compiled with compiler.compile.compile_recipe into OUT_ROOT/<recipe>
+    (an up-to-date build is reused, as `bertpress compile` does).
+For each: size on disk; latency at batch 1 and 32 (seq 128, 2 intra-op threads), timed in interleaved
+rounds (each round runs every model once, in rotating order), as medians and the ratio to the plain
+export's median; fidelity on held-out WordNet glosses (the flagship recipe's held-out slice: seeded,
+never calibrated or trained on by it) against PyTorch fp32: mean cosine of mean-pooled embeddings and
+top-10 neighbour overlap (for each text, the share of its 10 nearest neighbours in the sample that
+the model's embeddings and the reference's agree on); the cost model's latency estimate against the
+measurement, and the Spearman rank correlation of the two over the recipes. Then `bertpress inspect`
+on MiniLM and on a BERT-base-sized random model, checking the seed's findings.
+
+    python bench/compare.py [--rounds1 30] [--rounds32 7] [--threads 2] [--out-root out] [--skip-inspect]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from compiler.benchmark import synthetic_batch, vocab_size  # noqa: E402
+from compiler.calibration import prepare_calibration  # noqa: E402
+from compiler.frontend import example_inputs, load_model, resolve_model_path, trace  # noqa: E402
+from compiler.lowering import export_onnx  # noqa: E402
+from compiler.recipe import load_recipe  # noqa: E402
+from compiler.runtime import session  # noqa: E402
+
+MODEL = "builtin:minilm-l6"
+FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
+TARGETS = {"speedup32": 4.0, "smaller": 10.0, "cosine": 0.95, "overlap": 0.75}
+SEQ = 128
+
+
+def heldout_texts(tokenizer, max_length: int) -> tuple[list[str], str]:
+    """The flagship recipe's held-out slice (same source, sizes and seed as its calibration)."""
+    cal = load_recipe(str(FLAGSHIP)).file.calibration
+    data = prepare_calibration(tokenizer, source=cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
+                               max_length=cal.max_length, batch_size=cal.batch_size, seed=cal.seed,
+                               model_max_length=max_length)
+    return data.heldout_texts, f"{len(data.heldout_texts)} {cal.texts} texts (seed {cal.seed}, the held-out slice of {FLAGSHIP.name})"
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(np.float32)
+    return (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+
+
+def embed(run, tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """Mean-pooled embeddings of ``texts``; ``run(feeds: dict of int64 arrays) -> last hidden state``."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=SEQ, return_tensors="np")
+        feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        feeds.setdefault("token_type_ids", np.zeros_like(feeds["input_ids"]))
+        out.append(mean_pool(np.asarray(run(feeds), dtype=np.float32), feeds["attention_mask"]))
+    return np.concatenate(out)
+
+
+def fidelity(embeddings: np.ndarray, reference: np.ndarray, k: int = 10) -> dict:
+    a = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cosine = (a * b).sum(1)
+
+    def neighbours(x):
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1)[:, :k]
+
+    mine, theirs = neighbours(a), neighbours(b)
+    overlap = np.mean([len(set(m) & set(t)) / k for m, t in zip(mine, theirs)])
+    return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min()), "overlap10": float(overlap)}
+
+
+def ort_run(path: Path, threads: int):
+    sess = session(path, threads)
+    names = {i.name for i in sess.get_inputs()}
+    return lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def torch_run(model):
+    def run(feeds):
+        with torch.inference_mode():
+            out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return out[0].numpy()
+    return run
+
+
+def peer_pipeline(model, tokenizer, folder: Path) -> tuple[Path, dict]:
+    """Legacy TorchScript export -> ORT transformers optimizer (bert) -> quantize_dynamic int8 per-channel."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from compiler.lowering.quiet import quiet
+
+    enc = tokenizer(["a peer pipeline export"], return_tensors="pt")
+    args = tuple(enc[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+    legacy = folder / "peer-legacy.onnx"
+    axes = {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")}
+    class ByName(torch.nn.Module):  # transformers 5's forward takes more positional args than the three inputs
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state, out.pooler_output
+
+    # The ORT optimizer's attention fusion matches the eager attention subgraph, not an exported SDPA.
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    with quiet(), torch.no_grad():
+        torch.onnx.export(ByName(model).eval(), args, str(legacy), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state", "pooler_output"], dynamic_axes=axes)
+        optimized = optimize_model(str(legacy), model_type="bert", num_heads=model.config.num_attention_heads,
+                                   hidden_size=model.config.hidden_size)
+        fused = folder / "peer-optimized.onnx"
+        optimized.save_model_to_file(str(fused))
+        quantized = folder / "peer-int8.onnx"
+        # DefaultTensorType: shape inference cannot type outputs of the optimizer's contrib ops (FastGelu, ...).
+        quantize_dynamic(str(fused), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return quantized, {"fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}}
+
+
+def _reusable(recipe, out: Path) -> dict | None:
+    """A finished build of this exact recipe text in ``out`` (its cache key may predate later code edits)."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    ok = report.get("status") == "ok" and report.get("recipe_digest") == recipe.digest() and (out / "model.onnx").is_file()
+    return report if ok else None
+
+
+def compile_all(out_root: Path, reuse: bool, only: list[str] | None = None) -> dict[str, dict]:
+    from compiler.compile import compile_recipe
+
+    results = {}
+    for recipe_path in sorted((ROOT / "recipes").glob("*.yaml")):
+        name = recipe_path.stem
+        if only and name not in only:
+            continue
+        out = out_root / name
+        started = time.perf_counter()
+        recipe = load_recipe(str(recipe_path))
+        report = _reusable(recipe, out) if reuse else None
+        if report is not None:
+            print(f"[compare] reusing the build of {recipe_path.name} in {out}", flush=True)
+            results[name] = {"path": out, "report": report, "status": "ok", "reason": None, "up_to_date": False,
+                             "reused": True, "seconds": 0.0, "compile_seconds": report.get("timings", {}).get("total")}
+            continue
+        print(f"[compare] compiling {recipe_path.name} -> {out}", flush=True)
+        try:
+            result = compile_recipe(recipe, out)
+            report = result.report
+            status = "ok" if result.exit_code == 0 else "check_failed"
+            reason = (report.get("failure") or {}).get("message")
+        except Exception as exc:  # a recipe the current code cannot compile is a row in the table, not a crash
+            report, status, reason = None, "error", f"{type(exc).__name__}: {exc}"
+        results[name] = {"path": out, "report": report, "status": status, "reason": reason,
+                         "up_to_date": bool(status == "ok" and result.up_to_date), "reused": False,
+                         "seconds": round(time.perf_counter() - started, 1),
+                         "compile_seconds": (report or {}).get("timings", {}).get("total")}
+        print(f"[compare]   {status} in {results[name]['seconds']} s", flush=True)
+    return results
+
+
+def interleaved(runs: dict, feeds: dict[str, np.ndarray], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name](feeds)
+    times = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name](feeds)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def bert_base_folder(folder: Path) -> Path:
+    """A BERT-base-sized random model (12 x 768, 12 heads, 3072 FFN) with MiniLM's tokenizer."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    if (folder / "model.safetensors").is_file():
+        return folder
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                 intermediate_size=3072, max_position_embeddings=512)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    source = resolve_model_path(MODEL)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    return folder
+
+
+def run_inspect(out_root: Path, threads: int) -> list[dict]:
+    from compiler.inspect import inspect, plot
+
+    rows = []
+    for label, spec, png, batch in (("all-MiniLM-L6-v2", MODEL, "inspect-minilm.png", 32),
+                                    ("BERT-base-sized random", None, "inspect-bert-base.png", 8)):
+        spec = spec or str(bert_base_folder(out_root / "bert-base-random"))
+        started = time.perf_counter()
+        print(f"[compare] inspect {label} at batch {batch} x seq {SEQ}", flush=True)
+        breakdown = inspect(spec, batch=batch, seq=SEQ, threads=threads, runs=2)
+        plot(breakdown, ROOT / "bench" / png)
+        rows.append({"label": label, "png": png, "breakdown": breakdown.as_dict(), "seconds": round(time.perf_counter() - started)})
+    return rows
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, inspected: list[dict], command: str) -> None:
+    lines = ["# bertpress vs peers on all-MiniLM-L6-v2 (written by bench/compare.py)", "",
+             f"Command: `{command}`", "",
+             f"{context['environment']}. Load average before / after: {context['load_before']} / {context['load_after']}"
+             f" (2 shared cores; other engineers' jobs were running). Whole run {context['seconds'] / 60:.1f} min"
+             f" (compiles {context['compile_seconds'] / 60:.1f} min of it).", "",
+             f"Latency: seq {SEQ}, {context['threads']} intra-op threads, synthetic token ids (all attended), interleaved"
+             f" rounds: {context['rounds1']} at batch 1, {context['rounds32']} at batch 32 (each round runs every model once,"
+             " in rotating order); medians, and ratios of the plain fp32 export's median to each model's.",
+             f"Fidelity: {context['heldout']}, against PyTorch fp32 (mean-pooled): mean cosine, and top-10 neighbour overlap"
+             " (per text, the share of its 10 nearest neighbours in the sample that both embeddings agree on).",
+             "Size: bytes on disk of the model file(s) (ONNX file; PyTorch: saved state dict).", "",
+             "| model | size MB | smaller | b1 median ms | b1 speedup | b32 median ms | b32 speedup | est. b32 ms | cosine | top-10 overlap |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    plain = next(r for r in rows if r["name"] == "plain fp32 ONNX export")
+    for row in rows:
+        est = row.get("estimated_ms")
+        lines.append(
+            f"| {row['name']} | {row['bytes'] / 1e6:.1f} | {plain['bytes'] / row['bytes']:.1f}x | {row['b1_ms']:.2f} |"
+            f" {plain['b1_ms'] / row['b1_ms']:.2f}x | {row['b32_ms']:.0f} | {plain['b32_ms'] / row['b32_ms']:.2f}x |"
+            f" {'-' if est is None else f'{est:.0f}'} | {row['cosine']:.4f} | {row['overlap10']:.3f} |")
+    failed = {n: r for n, r in recipes.items() if r["status"] != "ok"}
+    for name, rec in failed.items():
+        lines.append(f"| recipe {name}: {rec['status']} | - | - | - | - | - | - | - | - | - |")
+    lines += [""]
+    for name, rec in recipes.items():
+        how = ("reused an earlier build (--reuse)" if rec.get("reused") else "up to date" if rec.get("up_to_date")
+               else f"compiled in this run ({rec['seconds']:.0f} s)")
+        total = rec.get("compile_seconds")
+        lines.append(f"- `recipes/{name}.yaml`: {rec['status']}; {how}" + (f"; its compile took {total:.0f} s" if total else ""))
+    for name, rec in failed.items():
+        lines.append(f"- `recipes/{name}.yaml` did not compile: {rec['reason']}")
+    recipe_rows = [r for r in rows if r.get("estimated_ms") is not None and r["name"].startswith("recipe ")]
+    rho = spearman([r["estimated_ms"] for r in recipe_rows], [r["b32_ms"] for r in recipe_rows])
+    lines += ["", "## Cost model: estimated vs measured latency (batch 32, seq 128)", "",
+              "The estimate is the compile report's roofline latency (per node: max(FLOPs / peak, bytes / bandwidth) +"
+              f" kernel overhead, int8 peak for quantized linears); machine: {context['machine']}.", "",
+              "| model | estimated ms | measured ms | measured / estimated |", "|---|---|---|---|"]
+    for row in [plain] + recipe_rows:
+        if row.get("estimated_ms"):
+            lines.append(f"| {row['name']} | {row['estimated_ms']:.0f} | {row['b32_ms']:.0f} | {row['b32_ms'] / row['estimated_ms']:.2f} |")
+    lines += ["", f"Spearman rank correlation of estimate vs measurement over the {len(recipe_rows)} compiled recipes:"
+              f" **{'n/a' if rho is None else f'{rho:.3f}'}**.", ""]
+    flagship = next((r for r in rows if r["name"] == "recipe minilm-fast"), None)
+    lines += ["## Flagship: recipes/minilm-fast.yaml", ""]
+    if flagship is None:
+        lines.append("The flagship did not compile in this run (see above).")
+    else:
+        checks = [("speed at batch 32", plain["b32_ms"] / flagship["b32_ms"], TARGETS["speedup32"], "x"),
+                  ("smaller on disk", plain["bytes"] / flagship["bytes"], TARGETS["smaller"], "x"),
+                  ("held-out mean cosine", flagship["cosine"], TARGETS["cosine"], ""),
+                  ("top-10 neighbour overlap", flagship["overlap10"], TARGETS["overlap"], "")]
+        lines += ["| target | reached | goal | met |", "|---|---|---|---|"]
+        for label, value, goal, unit in checks:
+            lines.append(f"| {label} | {value:.3f}{unit} | >= {goal}{unit} | {'yes' if value >= goal else 'no'} |")
+    lines += ["", "### Trade-off: every model above, by speed and fidelity", "",
+              "| model | b32 speedup | smaller | cosine | top-10 overlap |", "|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: plain["b32_ms"] / r["b32_ms"]):
+        lines.append(f"| {row['name']} | {plain['b32_ms'] / row['b32_ms']:.2f}x | {plain['bytes'] / row['bytes']:.1f}x |"
+                     f" {row['cosine']:.4f} | {row['overlap10']:.3f} |")
+    lines += ["", "## Where the cost goes: `bertpress inspect` on the seed's breakdown", ""]
+    for item in inspected:
+        b = item["breakdown"]
+        lines += [f"### {item['label']} (batch {b['batch']} x seq {b['seq']}; chart: [{item['png']}]({item['png']}))", "",
+                  "| component | storage est. | storage meas. | FLOPs est. | time est. | time meas. |", "|---|---|---|---|---|---|"]
+        for component, share in b["shares"].items():
+            lines.append(f"| {component} | {_pct(share['storage_estimated'])} | {_pct(share['storage_measured'])} |"
+                         f" {_pct(share['flops_estimated'])} | {_pct(share['latency_estimated'])} | {_pct(share['time_measured'])} |")
+        lines.append("")
+        for finding in b["findings"]:
+            verdict = {True: "holds", False: "does not hold", None: "not measurable"}[finding["holds"]]
+            lines.append(f"- {finding['finding']}: **{verdict}** ({finding['figures']})")
+        lines += [f"- {note}" for note in b["notes"]] + [""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds1", type=int, default=30)
+    parser.add_argument("--rounds32", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-root", type=Path, default=ROOT / "out")
+    parser.add_argument("--skip-inspect", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="use an existing build of the same recipe text in OUT_ROOT even if"
+                        " code changed since (the default rebuilds unless `bertpress compile` would call it up to date)")
+    parser.add_argument("--recipes", nargs="*", help="only these recipes (names without .yaml; default: every recipe)")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+    command = "python bench/compare.py " + " ".join(sys.argv[1:])
+    started = time.perf_counter()
+    load_before = [round(x, 1) for x in os.getloadavg()]
+    torch.set_num_threads(args.threads)
+    from compiler import roofline
+    from compiler.report import environment
+
+    recipes = compile_all(args.out_root, args.reuse, args.recipes)
+    compile_seconds = time.perf_counter() - started
+
+    loaded = load_model(MODEL)
+    tokenizer, model = loaded.tokenizer, loaded.model.eval()
+    texts, heldout_label = heldout_texts(tokenizer, loaded.max_length)
+    reference = embed(torch_run(model), tokenizer, texts)
+
+    # name -> (latency runner, fidelity embeddings, bytes, estimated ms)
+    variants: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bertpress-compare-") as tmp:
+        tmp = Path(tmp)
+        example = example_inputs(tokenizer)
+        plain = export_onnx(trace(model, example, max_length=loaded.max_length), example, tmp / "plain.onnx")
+        ok = {n: r for n, r in recipes.items() if r["status"] == "ok"}
+        plain_estimate = next((r["report"]["cost"]["reference"].get("latency_ms") for r in ok.values()), None)
+        variants["plain fp32 ONNX export"] = {"run": ort_run(plain, args.threads), "tokenizer": tokenizer,
+                                              "bytes": plain.stat().st_size, "estimated_ms": plain_estimate}
+        variants["PyTorch eager fp32"] = {"run": torch_run(model), "tokenizer": tokenizer,
+                                          "bytes": (loaded.path / "model.safetensors").stat().st_size}
+        dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        torch.save(dynamic.state_dict(), tmp / "dynamic.pt")
+        variants["PyTorch dynamic int8"] = {"run": torch_run(dynamic), "tokenizer": tokenizer,
+                                            "bytes": (tmp / "dynamic.pt").stat().st_size}
+        peer, peer_info = peer_pipeline(model, tokenizer, tmp)
+        variants["peer: legacy export + ORT optimizer + int8 per-channel"] = {
+            "run": ort_run(peer, args.threads), "tokenizer": tokenizer, "bytes": peer.stat().st_size}
+        from transformers import AutoTokenizer
+
+        for name, rec in ok.items():
+            files = rec["report"]["outputs"]["files"]
+            onnx_bytes = sum(size for file, size in files.items() if file == "model.onnx")
+            variants[f"recipe {name}"] = {
+                "run": ort_run(rec["path"] / "model.onnx", args.threads),
+                "tokenizer": AutoTokenizer.from_pretrained(str(rec["path"])),  # prune-vocab rewrites it
+                "bytes": onnx_bytes, "estimated_ms": rec["report"]["cost"]["compiled"].get("latency_ms"),
+                "vocab": vocab_size(rec["path"])}
+
+        for name, variant in variants.items():
+            print(f"[compare] fidelity of {name}", flush=True)
+            variant.update(fidelity(embed(variant["run"], variant["tokenizer"], texts), reference))
+
+        vocab = min([int(loaded.config.vocab_size)] + [v.get("vocab", 10**9) for v in variants.values()])
+        runs = {name: v["run"] for name, v in variants.items()}
+        timings = {}
+        for batch, rounds in ((1, args.rounds1), (32, args.rounds32)):
+            print(f"[compare] timing batch {batch}: {rounds} interleaved rounds of {len(runs)} models", flush=True)
+            timings[batch] = interleaved(runs, synthetic_batch(batch, SEQ, vocab), rounds)
+    rows = []
+    for name, variant in variants.items():
+        rows.append({"name": name, "bytes": variant["bytes"], "estimated_ms": variant.get("estimated_ms"),
+                     "b1_ms": 1e3 * statistics.median(timings[1][name]), "b32_ms": 1e3 * statistics.median(timings[32][name]),
+                     "cosine": variant["cosine"], "overlap10": variant["overlap10"]})
+    inspected = [] if args.skip_inspect else run_inspect(args.out_root, args.threads)
+    machine = roofline.machine(args.threads)
+    env = environment()
+    context = {"environment": f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}, {machine.cpu}",
+               "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
+               "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds, "threads": args.threads,
+               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": heldout_label,
+               "machine": f"{machine.fp32_gflops:.0f} GFLOP/s fp32, {machine.int8_gflops:.0f} GFLOP/s int8,"
+                          f" {machine.bandwidth_gbs:.1f} GB/s, {machine.overhead_us:.1f} us per kernel ({machine.threads} threads,"
+                          f" measured {machine.measured_at})"}
+    write_results(args.results, context, rows, recipes, inspected, command)
+    (args.results.with_suffix(".json")).write_text(json.dumps(
+        {"context": context, "rows": rows, "peer": peer_info,
+         "recipes": {n: {k: v for k, v in r.items() if k not in ("report", "path")} for n, r in recipes.items()},
+         "inspect": inspected}, indent=2, default=str) + "\n")
+    print(args.results.read_text())
+
+
+if __name__ == "__main__":
+    main()
