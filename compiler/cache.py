@@ -56,7 +56,7 @@ def model_digest(spec: str) -> str:
 def calibration_digest(source: str, base_dir: Path | None) -> str:
     """Digest of the calibration text's bytes; Python's own docs are covered by the Python version."""
     if source in BUILTIN_CORPORA:
-        if source == "builtin:wordnet" and WORDNET_DIR.is_dir():
+        if source.startswith("builtin:wordnet") and WORDNET_DIR.is_dir():  # glosses and pairs
             return _hash_files(_tree_files(WORDNET_DIR), WORDNET_DIR)
         return source
     path = Path(source).expanduser()
