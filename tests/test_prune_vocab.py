@@ -78,6 +78,15 @@ def test_min_count_keeps_fewer_tokens(tiny, tiny_gm):
     assert frequent < every
 
 
+def test_keep_top_adds_the_most_frequent_tokens_of_the_frequency_corpus(tiny, tiny_gm, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("zebra zebra zebra tiger tiger lion\n" * 3)  # one token each
+    result = run_pass("prune-vocab", {"keep_top": 2, "frequency_texts": str(general)}, tiny_gm, tiny)
+    tokens = set(result.inputs.tokenizer.get_vocab())
+    assert {"zebra", "tiger"} <= tokens and "lion" not in tokens
+    assert result.details["keep_top_added"] == 2
+
+
 def test_prune_vocab_slices_an_albert_factorized_table(tiny, tiny_gm):
     passes = "  - low-rank: {rank: 8, target: embeddings}\n  - prune-vocab: {texts: builtin}"
     state, (factorized, pruned) = _manager(tiny, passes).run(tiny_gm)
