@@ -99,6 +99,12 @@ def cache_inputs(recipe: Recipe) -> dict[str, Any]:
         "model": model_digest(settings.model),
         "recipe": recipe.digest(),
         "calibration": calibration_digest(settings.calibration.texts, recipe.base_dir),
+        # Text sources a pass reads on its own (prune-vocab's domain corpus, distill's training text).
+        "pass_texts": {f"passes[{index}].{name}": [calibration_digest(source, recipe.base_dir)
+                                                    for source in ([value] if isinstance(value, str) else value)]
+                       for index, step in enumerate(recipe.steps)
+                       for name, value in step.config.model_dump().items()
+                       if name.endswith("texts") and isinstance(value, (str, list))},
         "bertpress": __version__,
         "code": code_digest(recipe),
         "python": platform.python_version(),
