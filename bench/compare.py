@@ -252,7 +252,11 @@ def run_inspect(out_root: Path, threads: int) -> list[dict]:
         spec = spec or str(bert_base_folder(out_root / "bert-base-random"))
         started = time.perf_counter()
         print(f"[compare] inspect {label} at batch {batch} x seq {SEQ}", flush=True)
-        breakdown = inspect(spec, batch=batch, seq=SEQ, threads=threads, runs=2)
+        try:
+            breakdown = inspect(spec, batch=batch, seq=SEQ, threads=threads, runs=2)
+        except Exception as exc:  # the table above is still worth writing
+            print(f"[compare] inspect {label} failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
         plot(breakdown, ROOT / "bench" / png)
         rows.append({"label": label, "png": png, "breakdown": breakdown.as_dict(), "seconds": round(time.perf_counter() - started)})
     return rows
@@ -294,6 +298,9 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
         lines.append(f"- `recipes/{name}.yaml`: {rec['status']}; {how}" + (f"; its compile took {total:.0f} s" if total else ""))
     for name, rec in failed.items():
         lines.append(f"- `recipes/{name}.yaml` did not compile: {rec['reason']}")
+    left_out = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem not in recipes)
+    if left_out:
+        lines.append(f"- not in this run (`--recipes`): {', '.join(f'`recipes/{n}.yaml`' for n in left_out)}")
     recipe_rows = [r for r in rows if r.get("estimated_ms") is not None and r["name"].startswith("recipe ")]
     rho = spearman([r["estimated_ms"] for r in recipe_rows], [r["b32_ms"] for r in recipe_rows])
     lines += ["", "## Cost model: estimated vs measured latency (batch 32, seq 128)", "",
@@ -317,6 +324,19 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
         lines += ["| target | reached | goal | met |", "|---|---|---|---|"]
         for label, value, goal, unit in checks:
             lines.append(f"| {label} | {value:.3f}{unit} | >= {goal}{unit} | {'yes' if value >= goal else 'no'} |")
+    report = (recipes.get("minilm-fast") or {}).get("report")
+    if report:
+        lines += ["", "Where the flagship's fidelity went (held-out cosine of the recipe's own check after each pass, the same"
+                  " WordNet slice; the ONNX check at the end):", "",
+                  "| pass | status | cosine after | seconds |", "|---|---|---|---|"]
+        for row in report["passes"]:
+            lines.append(f"| {row['name']} | {row['status']} | {row['checks'].get('cosine', float('nan')):.4f} | {row['seconds']:.0f} |")
+        lines.append(f"| ONNX Runtime model | final check | {report['final_check']['cosine']:.4f} | - |")
+        compiled = report["cost"]["compiled"]["by_component"]
+        total = sum(c.get("bytes", 0) for c in compiled.values())
+        lines += ["", "Where its bytes are (cost model, as stored): " + ", ".join(
+            f"{name} {c.get('bytes', 0) / 1e6:.2f} MB ({c.get('bytes', 0) / total:.0%})"
+            for name, c in compiled.items() if c.get("bytes")) + "."]
     lines += ["", "### Trade-off: every model above, by speed and fidelity", "",
               "| model | b32 speedup | smaller | cosine | top-10 overlap |", "|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: plain["b32_ms"] / r["b32_ms"]):
