@@ -112,6 +112,9 @@ class Pass:
     # A healing pass (distill) exists to raise fidelity: the manager rolls it back if held-out
     # fidelity ends lower than before it, even when the budget still holds.
     heals: ClassVar[bool] = False
+    # False for a pass whose gain the single-graph cost model cannot see (decouple-attention pays off
+    # through its cached split form), so the manager does not roll it back as one that "does not pay".
+    judged_by_cost: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig):
         self.config = config

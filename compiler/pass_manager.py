@@ -251,7 +251,7 @@ class PassManager:
                         record, snapshot, state,
                         f"a healing pass lowered fidelity: held-out mean cosine {before:.4f} -> {against_reference.cosine:.4f}")
         record.cost_after = self.cost(candidate).as_dict()
-        if not instance.is_exact() and not instance.heals:
+        if not instance.is_exact() and not instance.heals and instance.judged_by_cost:
             before, after = record.cost_before, record.cost_after
             slower = after["latency_ms"] > before["latency_ms"] * (1 + LATENCY_SLACK)
             if slower and after["bytes"] >= before["bytes"]:

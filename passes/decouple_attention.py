@@ -78,6 +78,7 @@ class DecoupleAttention(Pass):
     """Restrict the lower layers' attention to each segment and restart positions per segment."""
 
     name = "decouple-attention"
+    judged_by_cost = False  # the speedup is in the cached split form (lower.onnx + upper.onnx)
     Config = DecoupleAttentionConfig
     kind = "lossy"
     requires = ("structure", "reference", "tokenizer")

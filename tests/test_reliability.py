@@ -35,7 +35,7 @@ def test_killed_compile_leaves_the_previous_output_untouched(tmp_path, tiny_dir,
     out = tmp_path / "out"
     assert main(["compile", str(recipe), "--out", str(out)]) == 0
     before = _snapshot(out)
-    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "compile", str(recipe), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "compile", str(recipe), "--out", str(out), "--force"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Kill it once it is past tracing, while it is running passes or lowering (a staging folder exists).
     deadline = time.time() + 120
@@ -48,7 +48,7 @@ def test_killed_compile_leaves_the_previous_output_untouched(tmp_path, tiny_dir,
     if signum == signal.SIGINT:
         assert not list(tmp_path.glob(".out.partial-*"))  # cleaned up on the way out
     # A killed compile's staging folder is hidden and removed by the next compile of that target.
-    assert main(["compile", str(recipe), "--out", str(out)]) == 0
+    assert main(["compile", str(recipe), "--out", str(out), "--force"]) == 0
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
