@@ -347,7 +347,7 @@ def classify_nodes(gm: GraphModule, structure: BertStructure) -> dict[Node, str]
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     first_layer = order[structure.layers[0].attention.query.node]
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "get_attr") and order[node] < first_layer:
+        if node.op == "call_function" and order[node] < first_layer:  # weights follow their user below
             component[node] = "embeddings"
     for layer in structure.layers:
         a = layer.attention
