@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime import session
+
 CACHE_VERSION = 1
 _GEMM = (4096, 384, 1536)  # tokens x hidden -> intermediate: a BERT-base-ish FFN at batch 32 x seq 128
 _BANDWIDTH_ELEMENTS = 8 * 1024 * 1024  # 32 MB per operand: well beyond any last-level cache
@@ -88,16 +90,6 @@ def machine(threads: int = 2, *, refresh: bool = False) -> Machine:
     except OSError:
         pass  # a read-only home still gets a roofline, just not a cached one
     return measured
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _median_seconds(sess, feeds: dict, runs: int) -> float:
@@ -173,12 +165,12 @@ def measure(threads: int = 2, *, runs: int = 7) -> Machine:
                              op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
         x = {"x": rng.standard_normal((m, k), dtype=np.float32)}
         flops = 2.0 * m * k * n
-        fp32_s = _median_seconds(_session(fp32, threads), x, runs)
-        int8_s = _median_seconds(_session(int8, threads), x, runs)
+        fp32_s = _median_seconds(session(fp32, threads), x, runs)
+        int8_s = _median_seconds(session(int8, threads), x, runs)
         a = rng.standard_normal(_BANDWIDTH_ELEMENTS, dtype=np.float32)
-        stream_s = _median_seconds(_session(_bandwidth_model(folder), threads), {"a": a, "b": a.copy()}, runs)
+        stream_s = _median_seconds(session(_bandwidth_model(folder), threads), {"a": a, "b": a.copy()}, runs)
         ones = np.ones(8, dtype=np.float32)
-        chain_s = _median_seconds(_session(_chain_model(folder), threads), {"t0": ones, "one": ones}, runs)
+        chain_s = _median_seconds(session(_chain_model(folder), threads), {"t0": ones, "one": ones}, runs)
     return Machine(
         fp32_gflops=round(flops / fp32_s / 1e9, 3),
         int8_gflops=round(flops / int8_s / 1e9, 3),

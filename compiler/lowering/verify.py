@@ -45,13 +45,10 @@ def torch_outputs(module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def ort_session(path: Path, threads: int = 1):
-    import onnxruntime as ort
+    """Verification runs single-threaded so it stays cheap beside other work."""
+    from ..runtime import session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session(path, threads)
 
 
 def ort_outputs(path_or_session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
