@@ -70,6 +70,22 @@ def _quantize_spec(hints: dict):
     return QuantizeSpec(exclude_embeddings=quant["exclude_embeddings"], exclude_modules=list(quant["exclude_modules"]))
 
 
+def _int4_weights(final, hints: dict, structure) -> tuple[dict | None, bool]:
+    """quantize-linear's int4 weights as (W, hint) for lowering, and whether attention may be packed
+    (not when a q/k/v weight is int4: the packed Attention op takes fp32 weights only)."""
+    from .graph_edit import get_tensor
+
+    chosen = hints.get("int4_weights") or {}
+    if not chosen:
+        return None, True
+    int4 = {target: (get_tensor(final, target).detach().numpy(), hint) for target, hint in chosen.items()}
+    qkv = {lin.weight for layer in structure.layers
+           for lin in (layer.attention.query, layer.attention.key, layer.attention.value)}
+    qkv |= {lin.factor for layer in structure.layers
+            for lin in (layer.attention.query, layer.attention.key, layer.attention.value) if lin.factor}
+    return int4, not (qkv & set(int4))
+
+
 def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False, instruments=None,
                    progress=None, force: bool = False) -> CompileResult:
     from .lowering import lower_to_onnx
@@ -138,9 +154,10 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         quant = state.lowering.get("quantize") or {}
         # After an input-interface change (prune-vocab) the graph takes renumbered ids.
         heldout = manager.heldout(state)
+        int4, attention_fusion = _int4_weights(final, state.lowering, structure_after)
         lowered = lower_to_onnx(final, manager.map_inputs(state, [example])[0], staging,
                                 quantize=_quantize_spec(state.lowering), fuse=settings.target.fusions,
-                                fp16=quant.get("dtype") == "fp16")
+                                fp16=quant.get("dtype") == "fp16", int4=int4, attention_fusion=attention_fusion)
         if state.lowering.get("embedding_precision"):
             from .graph_edit import get_tensor
             from .lowering.embeddings import store_embeddings

@@ -123,14 +123,19 @@ def node_seconds(node, values, flops: int, machine: Machine, int8_weights, weigh
 
 def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None = None,
              int8_weights: set[str] | frozenset = frozenset(), fp16_weights: set[str] | frozenset = frozenset(),
-             sparse_weights: set[str] | frozenset = frozenset(), machine: Machine | None = None) -> Cost:
+             sparse_weights: set[str] | frozenset = frozenset(), machine: Machine | None = None,
+             int4_weights: dict[str, tuple[int, bool]] | None = None) -> Cost:
     """Estimate the cost of one forward pass at (batch, seq).
 
     ``int8_weights``/``fp16_weights`` name weights that lowering will store in that precision
     (int8 per-channel: one byte per element plus a float scale per output channel). ``sparse_weights``
     are stored as sparse initializers (nonzeros + indices) when that is smaller; their FLOPs stay dense.
+    ``int4_weights`` maps a weight to (block size, int8 compute): half a byte per element plus a
+    float16 scale per block; with int8 compute its linear runs at the int8 peak.
     With a ``machine`` (see :func:`compiler.roofline.machine`) the cost includes a roofline latency.
     """
+    int4_weights = int4_weights or {}
+    fast_weights = set(int8_weights) | {t for t, (_, int8_compute) in int4_weights.items() if int8_compute}
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with fake:
@@ -157,7 +162,9 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
                 continue  # a shared weight is stored once
             seen_storage.add(key)
             count = int(tensor.numel())
-            if node.target in int8_weights:
+            if node.target in int4_weights:
+                size = count // 2 + 2 * (count // int4_weights[node.target][0])
+            elif node.target in int8_weights:
                 size = count + 4 * int(tensor.shape[0])
             elif node.target in fp16_weights:
                 size = 2 * count
@@ -181,7 +188,7 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
         flops += node_cost
         per[component]["flops"] += node_cost
         if machine is not None:
-            node_time = node_seconds(node, values, node_cost, machine, int8_weights, weight_bytes)
+            node_time = node_seconds(node, values, node_cost, machine, fast_weights, weight_bytes)
             seconds += node_time
             per[component]["latency_ns"] += int(node_time * 1e9)
         out = values.get(node)

@@ -104,6 +104,8 @@ class PassManager:
             int8_weights=set(state.lowering.get("int8_weights", ())),
             fp16_weights=set(state.lowering.get("fp16_weights", ())),
             sparse_weights=set(state.lowering.get("sparse_weights", ())), machine=self.machine,
+            int4_weights={target: (hint["block_size"], hint["accuracy_level"] == 4)
+                          for target, hint in state.lowering.get("int4_weights", {}).items()},
         )
 
     def fidelity(self, outputs: list[torch.Tensor], state: CompileState | None = None):
@@ -289,7 +291,7 @@ class PassManager:
 
 
 # Lowering hints keyed by a name inside (output files, embedding tables), merged entry by entry.
-MERGED_BY_NAME = ("files", "config", "embedding_precision")
+MERGED_BY_NAME = ("files", "config", "embedding_precision", "int4_weights")
 
 
 def _merge(old: dict, new: dict) -> dict:

@@ -1,9 +1,18 @@
-"""quantize-linear: int8 (per-channel weights, dynamic activations) or fp16 linear layers.
+"""quantize-linear: int8 (per-channel weights, dynamic activations), int4 (block-wise weights) or fp16 linears.
 
-Lossy. In the graph the pass only *simulates* the precision (fake-quantized weights and
-activations, marked as simulated ops) so validation sees the deployed numerics; lowering strips
-the simulation and ONNX Runtime's quantizer realizes it. Embeddings are excluded by default
-because quantizing the lookup tables costs much more fidelity than it saves time.
+Lossy. For int8 and fp16 the pass only *simulates* the precision in the graph (fake-quantized
+weights and activations, marked as simulated ops) so validation sees the deployed numerics;
+lowering strips the simulation and ONNX Runtime's quantizer realizes it. Embeddings are excluded by
+default because quantizing the lookup tables costs much more fidelity than it saves time.
+
+int4 is for size: weights become 4-bit integers with one scale per block of ``block_size`` inputs,
+rounded by GPTQ on the calibration text (``method: gptq``, default) or to nearest (``rtn``). The
+pass writes the dequantized weights into the graph (they are exactly what the deployed model
+multiplies by) and lowering stores them as ONNX Runtime ``MatMulNBits`` (half a byte per weight plus
+a float16 scale per block). With ``compute: int8`` (default) ONNX Runtime multiplies with int8
+activations quantized per block of ``block_size`` (accuracy level 4, fast); the pass simulates that
+rounding too. ``compute: fp32`` keeps activations in float (accuracy level 0, exact, slower). A q/k/v
+projection in int4 keeps attention as MultiHeadAttention with separate q/k/v MatMuls, not QAttention.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from compiler import gptq as gptq_lib
+from compiler.graph_edit import get_tensor, set_parameter
 from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
-from compiler.simulation import simulated_op
+from compiler.simulation import is_simulated, simulated_op
 
 EXCLUDABLE = ("embeddings", "attention", "ffn", "pooler")
 
@@ -44,12 +55,29 @@ def fake_quant_activation_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @simulated_op
+def fake_quant_activation_blocks_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric int8 per block of ``block`` features of each row, as MatMulNBits (accuracy level 4) quantizes A."""
+    shape = x.shape
+    blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
+    return (torch.clamp(torch.round(blocks / scale), -127, 127) * scale).reshape(shape)
+
+
+@simulated_op
 def fake_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(x.dtype)
 
 
 class QuantizeLinearConfig(PassConfig):
-    dtype: Literal["int8", "fp16"] = Field("int8", description="int8: per-channel weights + dynamic activations (CPU). fp16: half precision (GPU targets).")
+    dtype: Literal["int8", "int4", "fp16"] = Field(
+        "int8", description="int8: per-channel weights + dynamic activations (CPU, fast). int4: block-wise 4-bit "
+                            "weights (ONNX Runtime MatMulNBits; for size). fp16: half precision (GPU targets).")
+    block_size: Literal[16, 32, 64, 128] = Field(32, description="int4: inputs per scale (smaller: more faithful, more bytes).")
+    method: Literal["gptq", "rtn"] = Field("gptq", description="int4 rounding: GPTQ on calibration text, or round-to-nearest.")
+    compute: Literal["int8", "fp32"] = Field(
+        "int8", description="int4: how ONNX Runtime multiplies: int8 activations per block (fast) or fp32 (exact).")
+    calibration_batches: int = Field(8, ge=1, description="int4 + gptq: calibration batches for the input Hessians.")
+    damp: float = Field(0.01, gt=0, le=1, description="int4 + gptq: Hessian dampening, a fraction of its mean diagonal.")
     exclude: list[str | int] = Field(
         default_factory=lambda: ["embeddings"],
         description=f"Parts kept in full precision: any of {list(EXCLUDABLE)} or layer indices.",
@@ -91,6 +119,13 @@ class QuantizeLinear(Pass):
         if structure.pooler is not None:
             (kept if "pooler" in exclude else chosen).append(structure.pooler)
         kept = [lin.module for lin in kept]
+        # Linears an earlier quantize-linear stored in int4 keep that (a recipe may put the FFN in
+        # int4 for size and the rest in int8 for speed).
+        int4_before = ctx.lowering.get("int4_weights", {})
+        already_int4 = [lin for lin in chosen if lin.weight in int4_before]
+        chosen = [lin for lin in chosen if lin.weight not in int4_before]
+        if cfg.dtype == "int4":
+            return self._int4(gm, ctx, chosen, kept)
 
         weight_op = fake_quant_weight_int8 if cfg.dtype == "int8" else fake_fp16
         act_op = fake_quant_activation_uint8 if cfg.dtype == "int8" else fake_fp16
@@ -114,8 +149,79 @@ class QuantizeLinear(Pass):
         gm.recompile()
         weights = sorted(lin.weight for lin in chosen)
         lowering = {"quantize": {"dtype": cfg.dtype, "exclude_embeddings": not quantize_tables,
-                                 "exclude_modules": sorted(kept)}}
+                                 "exclude_modules": sorted(kept + [lin.module for lin in already_int4])}}
         lowering["int8_weights" if cfg.dtype == "int8" else "fp16_weights"] = weights
         details = {"quantized_linears": len(chosen), "kept_full_precision": sorted(kept),
                    "embeddings_quantized": quantize_tables}
+        if already_int4:
+            details["kept_int4"] = sorted(lin.module for lin in already_int4)
         return PassResult(gm, modified=bool(chosen) or quantize_tables, details=details, lowering=lowering)
+
+    def _int4(self, gm: torch.fx.GraphModule, ctx: PassContext, chosen, kept: list[str]) -> PassResult:
+        cfg = self.config
+        block = cfg.block_size
+        # Every weight matrix: a low-rank linear is two (x -> inner -> node).
+        matrices: list[tuple[torch.fx.Node, str, str]] = []
+        for lin in chosen:
+            if lin.inner is not None:
+                matrices.append((lin.inner, lin.factor, lin.module))
+            matrices.append((lin.node, lin.weight, lin.module))
+        for node, target, module in matrices:
+            weight_arg, input_arg = node.args[1], node.args[0]
+            if is_simulated(weight_arg) or is_simulated(input_arg):
+                raise self.refuse(f"{module} is already quantized by an earlier pass (int8 or fp16); a linear is quantized once.",
+                                  fix="put the int4 quantize-linear first and let the later one keep its linears "
+                                      "(it skips int4 weights), or exclude the part from one of them.")
+            in_features = int(get_tensor(gm, target).shape[1])
+            if in_features % block:
+                raise self.refuse(f"{module} has {in_features} inputs, which block_size {block} does not divide.",
+                                  fix=f"use a block_size that divides {in_features} (16, 32, 64 or 128), or make the "
+                                      "pruned width a multiple of it.")
+        # Group the weights by the input nodes their uses read (q, k and v share one Hessian; a
+        # shared weight sums over its uses) and quantize the groups in graph order.
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        uses: dict[str, list[torch.fx.Node]] = {}
+        for node, target, _ in matrices:
+            uses.setdefault(target, []).append(node)
+        groups: dict[tuple, list[str]] = {}
+        for target, nodes in uses.items():
+            key = tuple(sorted({n.args[0] for n in nodes}, key=order.__getitem__))
+            groups.setdefault(key, []).append(target)
+        batches = ctx.calibration.batches[:cfg.calibration_batches]
+        scales: dict[str, dict] = {}
+        errors = []
+        ordered = sorted(groups.items(), key=lambda item: order[item[0][-1]])
+        for step, (inputs, targets) in enumerate(ordered):
+            hessian = None
+            if cfg.method == "gptq":
+                sums = gptq_lib.input_hessians(gm, list(inputs), batches)
+                hessian = sum(sums[node] for node in inputs)
+            for target in targets:
+                weight = get_tensor(gm, target).detach().float()
+                quantized = (gptq_lib.gptq(weight, hessian, block, cfg.damp) if hessian is not None
+                             else gptq_lib.round_to_nearest(weight, block))
+                approx = quantized.dequantize()
+                errors.append(float((approx - weight).norm() / weight.norm().clamp(min=1e-12)))
+                set_parameter(gm, target, approx)
+                scales[target] = {"block_size": block, "scales": quantized.scales,
+                                  "accuracy_level": 4 if cfg.compute == "int8" else 0}
+            ctx.progress(step=step + 1, total=len(ordered), what="weight groups")
+        if cfg.compute == "int8":
+            graph = gm.graph
+            simulated: dict[torch.fx.Node, torch.fx.Node] = {}
+            for node, _, _ in matrices:
+                source = node.args[0]
+                if source not in simulated:
+                    with graph.inserting_after(source):
+                        simulated[source] = graph.call_function(fake_quant_activation_blocks_int8, (source, block))
+                node.args = (simulated[source], *node.args[1:])
+            graph.lint()
+        gm.recompile()
+        count = sum(int(get_tensor(gm, t).numel()) for t in scales)
+        details = {"dtype": "int4", "method": cfg.method, "block_size": block, "compute": cfg.compute,
+                   "quantized_linears": len(chosen), "weight_matrices": len(scales), "weights": count,
+                   "stored_bytes": count // 2 + 2 * (count // block),
+                   "mean_relative_weight_error": round(sum(errors) / max(len(errors), 1), 5),
+                   "kept_full_precision": sorted(kept),
+                   "calibration_batches": len(batches) if cfg.method == "gptq" else 0}
+        return PassResult(gm, modified=bool(scales), details=details, lowering={"int4_weights": scales})

@@ -18,6 +18,7 @@ from .embed import fuse_embed_layer_norm
 from .export import export_ir, export_onnx
 from .fusions import fused_op_counts, op_counts, run_ort_fusions
 from .io import save_model
+from .nbits import store_int4
 from .packed_attention import pack_attention
 from .quantize import QuantizeSpec, plan_exclusions, quantize_file, quantized_counts
 
@@ -42,11 +43,14 @@ def _softmax_count(model: ir.Model) -> int:
     return sum(1 for n in model.graph if n.op_type == "Softmax")
 
 
-def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[str]) -> ir.Model:
+def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[str],
+                attention_fusion: bool = True) -> ir.Model:
     model = export_ir(module, example_inputs)
     if not fuse:
         return model
-    rules = run_ort_fusions(model)
+    rules = run_ort_fusions(model, attention=attention_fusion)
+    if not attention_fusion:
+        notes.append("fusions: attention kept as MultiHeadAttention with separate q/k/v MatMuls (int4 q/k/v weights)")
     notes.append(f"fusions: onnxscript ort_fusions rules fired {rules}")
     leftover = _softmax_count(model)
     if leftover:
@@ -55,11 +59,12 @@ def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[s
     if pack:
         # Our own rewrites (see packed_attention.py / embed.py); `pack=False` is the conservative
         # fallback that keeps only onnxscript's fusions.
-        packed, pack_notes = pack_attention(model)
-        notes.extend(pack_notes)
-        if packed:
-            notes.append(f"attention: {packed} Attention node(s) rewritten to packed QKV weight + 2-D mask_index "
-                         "(QAttention-quantizable)")
+        if attention_fusion:
+            packed, pack_notes = pack_attention(model)
+            notes.extend(pack_notes)
+            if packed:
+                notes.append(f"attention: {packed} Attention node(s) rewritten to packed QKV weight + 2-D mask_index "
+                             "(QAttention-quantizable)")
         _, embed_note = fuse_embed_layer_norm(model)
         if embed_note:
             notes.append(embed_note)
@@ -70,8 +75,14 @@ def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[s
 
 
 def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_dir: Path, *,
-                  quantize: QuantizeSpec | None, fuse: bool = True, fp16: bool = False) -> LoweringResult:
-    """Export `module` and lower it for ONNX Runtime CPU; writes `out_dir/model.onnx`."""
+                  quantize: QuantizeSpec | None, fuse: bool = True, fp16: bool = False,
+                  int4: dict[str, tuple] | None = None, attention_fusion: bool = True) -> LoweringResult:
+    """Export `module` and lower it for ONNX Runtime CPU; writes `out_dir/model.onnx`.
+
+    ``int4`` maps weight targets to (W [out, in] as in `module`, quantize-linear's hint): those
+    MatMuls become MatMulNBits before any int8 quantization. ``attention_fusion=False`` keeps
+    attention as MultiHeadAttention so int4 q/k/v MatMuls stay reachable.
+    """
     if fp16 and quantize is not None:
         raise ValueError("lower_to_onnx: fp16 and int8 quantization are mutually exclusive")
     out_dir = Path(out_dir)
@@ -86,7 +97,8 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
         error = None
         for pack in (True, False) if fuse else (False,):
             notes: list[str] = []
-            model = _build_fp32(module, example_inputs, fuse=fuse, pack=pack, notes=notes)
+            model = _build_fp32(module, example_inputs, fuse=fuse, pack=pack, notes=notes,
+                                attention_fusion=attention_fusion)
             excluded, q_notes = plan_exclusions(model, quantize) if quantize else ([], [])
             save_model(model, fp32_path)
             error = verify.max_abs_error(verify.ort_outputs(fp32_path, check_inputs), reference, mask)
@@ -101,6 +113,16 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
             notes.append("attention: packed/mask_index + EmbedLayerNormalization rewrites failed verification; kept "
                          "onnxscript's Attention (attention_bias form, which the quantizer leaves fp32)")
 
+        if int4:
+            stored = store_int4(fp32_path, int4)
+            levels = sorted({v["accuracy_level"] for v in stored["stored"].values()})
+            notes.append(f"int4: {len(stored['stored'])} of {len(int4)} weight(s) stored as MatMulNBits "
+                         f"(4-bit, float16 block scales, accuracy_level {levels})")
+            if stored["missing"]:
+                notes.append(f"int4: WARNING no MatMul found for {stored['missing']}; they stay fp32")
+            if stored["drifted"]:
+                notes.append(f"int4: WARNING weights changed after quantize-linear (a later pass trained them?) and "
+                             f"were re-rounded to its scales: {sorted(stored['drifted'])}")
         if fp16:
             _to_fp16(fp32_path, final)
             notes.append("fp16: weights/activations converted to float16 with fp32 graph I/O (slow on most CPUs)")
@@ -121,7 +143,7 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
         notes=notes,
         fp32_max_abs_error=error,
     )
-    if quantize is not None or fp16:
+    if quantize is not None or fp16 or int4:
         cos = verify.pooled_cosine(verify.ort_outputs(final, check_inputs), reference, mask)
         result.lowered_min_cosine = float(cos.min())
         result.notes.append(f"verify: lowered model vs PyTorch mean-pooled cosine min {cos.min():.5f} "

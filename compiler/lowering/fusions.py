@@ -8,8 +8,11 @@ the follow-up rewrites that make the result quantizable live in `packed_attentio
 from __future__ import annotations
 
 import collections
+import contextlib
+from unittest import mock
 
 import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions import _core as _ort_core
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from .quiet import quiet
@@ -20,10 +23,16 @@ MS_DOMAIN = "com.microsoft"
 _QUANT_BASE = {"QAttention": "Attention", "QEmbedLayerNormalization": "EmbedLayerNormalization"}
 
 
-def run_ort_fusions(model: ir.Model) -> dict[str, int]:
-    """Apply onnxscript's ORT fusions in place; return onnxscript's own (non-zero) rule counts."""
+def run_ort_fusions(model: ir.Model, *, attention: bool = True) -> dict[str, int]:
+    """Apply onnxscript's ORT fusions in place; return onnxscript's own (non-zero) rule counts.
+
+    ``attention=False`` stops at MultiHeadAttention: onnxscript's last attention rule folds the q/k/v
+    MatMul weights into an ``Attention`` node, where no weight-only quantizer (MatMulNBits) can reach them.
+    """
     # optimize_for_ort prints pattern-matcher chatter on some failures; keep stdout clean.
-    with quiet():
+    with quiet(), contextlib.ExitStack() as stack:
+        if not attention:
+            stack.enter_context(mock.patch.object(_ort_core, "fuse_attention", lambda *args, **kwargs: 0))
         _, counts = optimize_for_ort(model)
     return {k: v for k, v in counts.items() if v}
 
@@ -43,4 +52,4 @@ def fused_op_counts(model: ir.Model) -> dict[str, int]:
 
 
 # Contrib ops the quantizer (not a fusion) introduces; reported under `quantized` instead.
-_QUANTIZER_HELPERS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM"}
+_QUANTIZER_HELPERS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "MatMulNBits"}

@@ -17,7 +17,7 @@ from .export import module_path
 from .quiet import quiet
 
 # Ops the quantizer emits; counted as "quantized" in the result.
-QUANT_OPS = ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+QUANT_OPS = ("MatMulNBits", "QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
              "QEmbedLayerNormalization", "QGemm", "DynamicQuantizeLinear", "DequantizeLinear")
 WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
 
