@@ -124,18 +124,19 @@ def node_seconds(node, values, flops: int, machine: Machine, int8_weights, weigh
 def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None = None,
              int8_weights: set[str] | frozenset = frozenset(), fp16_weights: set[str] | frozenset = frozenset(),
              sparse_weights: set[str] | frozenset = frozenset(), machine: Machine | None = None,
-             int4_weights: dict[str, tuple[int, bool]] | None = None) -> Cost:
+             int4_weights: dict[str, tuple[int, bool, bool]] | None = None) -> Cost:
     """Estimate the cost of one forward pass at (batch, seq).
 
     ``int8_weights``/``fp16_weights`` name weights that lowering will store in that precision
     (int8 per-channel: one byte per element plus a float scale per output channel). ``sparse_weights``
     are stored as sparse initializers (nonzeros + indices) when that is smaller; their FLOPs stay dense.
-    ``int4_weights`` maps a weight to (block size, int8 compute): half a byte per element plus a
-    float16 scale per block; with int8 compute its linear runs at the int8 peak.
+    ``int4_weights`` maps a weight to (block size, int8 compute, zero points): half a byte per element,
+    a float16 scale and (with zero points) half a byte per block; with int8 compute its linear runs
+    at the int8 peak.
     With a ``machine`` (see :func:`compiler.roofline.machine`) the cost includes a roofline latency.
     """
     int4_weights = int4_weights or {}
-    fast_weights = set(int8_weights) | {t for t, (_, int8_compute) in int4_weights.items() if int8_compute}
+    fast_weights = set(int8_weights) | {t for t, (_, int8_compute, _) in int4_weights.items() if int8_compute}
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with fake:
@@ -163,7 +164,8 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
             seen_storage.add(key)
             count = int(tensor.numel())
             if node.target in int4_weights:
-                size = count // 2 + 2 * (count // int4_weights[node.target][0])
+                block, _, zero_points = int4_weights[node.target]
+                size = count // 2 + 2 * (count // block) + (count // block // 2 if zero_points else 0)
             elif node.target in int8_weights:
                 size = count + 4 * int(tensor.shape[0])
             elif node.target in fp16_weights:

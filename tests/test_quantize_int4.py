@@ -16,7 +16,7 @@ from compiler.frontend import example_inputs
 from compiler.gptq import gptq, round_to_nearest
 from compiler.graph_edit import get_tensor
 from compiler.lowering import lower_to_onnx
-from compiler.lowering.nbits import pack_int4
+from compiler.lowering.nbits import pack_int4, pack_zero_points
 from compiler.pass_infra import PassContext, get_pass
 from compiler.pass_manager import StructureCache
 from compiler.runtime import ort_runner, session
@@ -32,14 +32,27 @@ def _correlated_inputs(n: int = 512, k: int = 64, seed: int = 0) -> torch.Tensor
     return torch.randn(n, 16, generator=gen) @ torch.randn(16, k, generator=gen) + 0.1 * torch.randn(n, k, generator=gen)
 
 
-def test_block_quantization_is_on_the_signed_4bit_grid_with_float16_scales():
-    weight = torch.randn(24, 64)
-    for quantized in (round_to_nearest(weight, 32), gptq(weight, _correlated_inputs().T @ _correlated_inputs(), 32)):
-        assert quantized.q.dtype == torch.int8 and int(quantized.q.min()) >= -8 and int(quantized.q.max()) <= 7
-        assert quantized.scales.shape == (24, 2)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_quantization_is_on_the_4bit_grid_with_float16_scales(symmetric):
+    weight = torch.randn(24, 64) + 0.3  # skewed blocks: an asymmetric grid should use its zero points
+    x = _correlated_inputs()
+    for quantized in (round_to_nearest(weight, 32, symmetric=symmetric, clip_search=True),
+                      gptq(weight, x.T @ x, 32, symmetric=symmetric)):
+        assert quantized.q.dtype == torch.uint8 and int(quantized.q.max()) <= 15
+        assert quantized.scales.shape == quantized.zeros.shape == (24, 2)
         assert torch.equal(quantized.scales, quantized.scales.half().float())  # stored as float16 losslessly
-        blocks = quantized.q.reshape(24, 2, 32).float() * quantized.scales[:, :, None]
+        assert quantized.symmetric == symmetric
+        blocks = (quantized.q.reshape(24, 2, 32).float() - quantized.zeros[:, :, None].float()) * quantized.scales[:, :, None]
         assert torch.equal(quantized.dequantize(), blocks.reshape(24, 64))
+
+
+def test_asymmetric_blocks_and_clip_search_round_closer_than_plain_symmetric():
+    weight = torch.randn(64, 128) + 0.2
+    error = {}
+    for name, options in (("symmetric", {"symmetric": True}), ("asymmetric", {"symmetric": False}),
+                          ("asymmetric+clip", {"symmetric": False, "clip_search": True})):
+        error[name] = float((round_to_nearest(weight, 32, **options).dequantize() - weight).norm())
+    assert error["asymmetric+clip"] <= error["asymmetric"] < error["symmetric"], error
 
 
 def test_gptq_moves_the_layer_outputs_less_than_rounding_to_nearest():
@@ -51,21 +64,25 @@ def test_gptq_moves_the_layer_outputs_less_than_rounding_to_nearest():
     assert errors["gptq"] < 0.5 * errors["rtn"], errors  # measured 0.35-0.37 over three seeds
 
 
-def test_packed_weights_run_exactly_in_onnx_runtime_matmulnbits():
-    rng = np.random.default_rng(0)
-    n, k, block = 40, 128, 32
-    q = rng.integers(-8, 8, size=(n, k)).astype(np.int8)
-    scales = rng.uniform(0.01, 0.1, size=(n, k // block)).astype(np.float16).astype(np.float32)
-    weight = (q.reshape(n, k // block, block) * scales[:, :, None]).reshape(n, k)
-    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
-                            block_size=block, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
-                              [numpy_helper.from_array(pack_int4(q, block), "B"),
-                               numpy_helper.from_array(scales.reshape(-1), "S")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+@pytest.mark.parametrize("with_zero_points", [False, True])
+def test_packed_weights_run_exactly_in_onnx_runtime_matmulnbits(with_zero_points):
     import onnxruntime as ort
 
+    rng = np.random.default_rng(0)
+    n, k, block = 40, 96, 32  # 3 blocks per row: an odd count exercises the zero points' padding nibble
+    q = rng.integers(0, 16, size=(n, k)).astype(np.uint8)
+    zeros = rng.integers(0, 16, size=(n, k // block)).astype(np.uint8) if with_zero_points else np.full((n, k // block), 8, np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(n, k // block)).astype(np.float16).astype(np.float32)
+    weight = ((q.reshape(n, k // block, block).astype(np.float32) - zeros[:, :, None]) * scales[:, :, None]).reshape(n, k)
+    inputs = ["A", "B", "S"] + (["Z"] if with_zero_points else [])
+    initializers = [numpy_helper.from_array(pack_int4(q, block), "B"), numpy_helper.from_array(scales.reshape(-1), "S")]
+    if with_zero_points:
+        initializers.append(numpy_helper.from_array(pack_zero_points(zeros), "Z"))
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     a = rng.standard_normal((6, k)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
     np.testing.assert_allclose(got, a @ weight.T, rtol=1e-5, atol=1e-5)
@@ -74,7 +91,8 @@ def test_packed_weights_run_exactly_in_onnx_runtime_matmulnbits():
 @pytest.mark.parametrize("compute", ["fp32", "int8"])
 def test_int4_lowers_every_linear_to_matmulnbits_and_onnx_runtime_matches_the_graph(tiny, tiny_gm, tmp_path, compute):
     structure = analyze(tiny_gm)
-    result = run_pass("quantize-linear", {"dtype": "int4", "block_size": 16, "compute": compute}, tiny_gm, tiny)
+    result = run_pass("quantize-linear", {"dtype": "int4", "block_size": 16, "compute": compute,
+                                          "symmetric": compute == "int8"}, tiny_gm, tiny)
     hints = result.lowering["int4_weights"]
     assert len(hints) == len(structure.linears) and result.details["method"] == "gptq"
     assert sum(is_simulated(n) for n in result.graph_module.graph.nodes) == (0 if compute == "fp32" else 4 * 2 + 1)  # q/k/v share one input
@@ -126,12 +144,13 @@ def test_cost_model_counts_half_a_byte_per_int4_weight_plus_float16_block_scales
     result = run_pass("quantize-linear", {"dtype": "int4", "block_size": 16, "method": "rtn"}, tiny_gm, tiny)
     gm = result.graph_module
     structure = analyze(gm)
-    blocks = {t: (16, True) for t in result.lowering["int4_weights"]}
+    blocks = {t: (16, True, True) for t in result.lowering["int4_weights"]}
     before = cost_model.estimate(gm, batch=1, seq=8, component_of=structure.node_component)
     after = cost_model.estimate(gm, batch=1, seq=8, component_of=structure.node_component, int4_weights=blocks)
     count = sum(get_tensor(gm, t).numel() for t in blocks)
-    assert before.bytes - after.bytes == 4 * count - (count // 2 + 2 * (count // 16))
-    assert result.details["stored_bytes"] == count // 2 + 2 * (count // 16)
+    stored = count // 2 + 2 * (count // 16) + count // 16 // 2  # nibbles, float16 scales, 4-bit zero points
+    assert before.bytes - after.bytes == 4 * count - stored
+    assert result.details["stored_bytes"] == stored
 
 
 @pytest.mark.minilm

@@ -3,8 +3,9 @@
 quantize-linear (dtype int4) leaves in the graph the dequantized weights ``W = q * scale`` and hands
 lowering the scales; here each fp32 ``MatMul(A, W^T)`` (or the pooler's ``Gemm``, plus an ``Add`` for
 its bias) whose constant weight is one of them becomes ``MatMulNBits(A, B, scales)`` with
-  * ``B``: uint8 [N, K / block, block / 2], ``q + 8`` two to a byte (low nibble first), ONNX Runtime's
-    layout with its default zero point 8, so ``q`` in [-8, 7] needs no zero-point tensor;
+  * ``B``: uint8 [N, K / block, block / 2], ``q`` in [0, 15] two to a byte (low nibble first);
+  * ``zero_points``: uint8 [N, ceil(K / block / 2)], 4-bit, two to a byte; omitted when symmetric
+    (ONNX Runtime's default zero point is 8);
   * ``scales``: stored as float16 and widened by a ``Cast`` that ONNX Runtime folds when the session
     loads (the pass rounds scales to float16 itself, so the stored model is the validated one);
   * ``accuracy_level`` 4 (int8 activations per block, fast) or 0 (fp32, exact), as the recipe chose.
@@ -24,18 +25,26 @@ from .fusions import MS_DOMAIN
 
 
 def pack_int4(q: np.ndarray, block: int) -> np.ndarray:
-    """Signed 4-bit [N, K] -> MatMulNBits' uint8 [N, K / block, block / 2]."""
+    """4-bit q in [0, 15], [N, K] -> MatMulNBits' uint8 [N, K / block, block / 2] (low nibble first)."""
     rows, cols = q.shape
-    unsigned = (q.astype(np.int16) + 8).astype(np.uint8).reshape(rows, cols // block, block)
-    return (unsigned[:, :, 0::2] | (unsigned[:, :, 1::2] << 4)).astype(np.uint8)
+    q = q.astype(np.uint8).reshape(rows, cols // block, block)
+    return (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
 
 
-def _integers(weight: np.ndarray, scales: np.ndarray, block: int) -> tuple[np.ndarray, float]:
-    rows, cols = weight.shape
-    expanded = np.repeat(scales.astype(np.float32), block, axis=1)
-    q = np.clip(np.rint(weight / expanded), -8, 7)
-    drift = float(np.abs(q * expanded - weight).max() / max(float(np.abs(weight).max()), 1e-12))
-    return q.astype(np.int8), drift
+def pack_zero_points(zeros: np.ndarray) -> np.ndarray:
+    """4-bit zero points [N, blocks] -> uint8 [N, ceil(blocks / 2)] (low nibble first), MatMulNBits' layout."""
+    rows, blocks = zeros.shape
+    padded = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)
+    padded[:, :blocks] = zeros
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _integers(weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int) -> tuple[np.ndarray, float]:
+    scale = np.repeat(scales.astype(np.float32), block, axis=1)
+    zero = np.repeat(zeros.astype(np.float32), block, axis=1)
+    q = np.clip(np.rint(weight / scale) + zero, 0, 15)
+    drift = float(np.abs((q - zero) * scale - weight).max() / max(float(np.abs(weight).max()), 1e-12))
+    return q.astype(np.uint8), drift
 
 
 def store_int4(path: Path, weights: dict[str, tuple[np.ndarray, dict]]) -> dict:
@@ -85,18 +94,26 @@ def store_int4(path: Path, weights: dict[str, tuple[np.ndarray, dict]]) -> dict:
         prefix = f"{tensor.name}_q4"
         if target not in stored:
             scales = np.asarray(hint["scales"], dtype=np.float32)
-            q, drift = _integers(weight, scales, block)
+            zeros = hint.get("zero_points")
+            zeros = np.full(scales.shape, 8, dtype=np.uint8) if zeros is None else np.asarray(zeros, dtype=np.uint8)
+            q, drift = _integers(weight, scales, zeros, block)
             if drift > 1e-5:
                 drifted[target] = drift
             constants += [numpy_helper.from_array(pack_int4(q, block), f"{prefix}_B"),
                           numpy_helper.from_array(scales.astype(np.float16).reshape(-1), f"{prefix}_scales_fp16")]
             casts.append(helper.make_node("Cast", [f"{prefix}_scales_fp16"], [f"{prefix}_scales"],
                                           to=TensorProto.FLOAT, name=f"{prefix}_scales_cast"))
-            stored[target] = {"shape": [n, k], "block_size": block, "accuracy_level": level}
+            if hint.get("zero_points") is not None:
+                constants.append(numpy_helper.from_array(pack_zero_points(zeros), f"{prefix}_zero_points"))
+            stored[target] = {"shape": [n, k], "block_size": block, "accuracy_level": level,
+                              "zero_points": hint.get("zero_points") is not None}
             done[tensor.name] = target
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
         product = f"{node.output[0]}_nbits" if bias else node.output[0]
-        replacements[index] = [helper.make_node("MatMulNBits", [node.input[0], f"{prefix}_B", f"{prefix}_scales"], [product],
+        inputs = [node.input[0], f"{prefix}_B", f"{prefix}_scales"]
+        if hint.get("zero_points") is not None:
+            inputs.append(f"{prefix}_zero_points")
+        replacements[index] = [helper.make_node("MatMulNBits", inputs, [product],
                                                 name=f"{node.name or prefix}_nbits", domain=MS_DOMAIN,
                                                 K=k, N=n, bits=4, block_size=block, accuracy_level=level)]
         if bias:
