@@ -91,6 +91,9 @@ class DecoupleAttention(Pass):
         k = self.config.count
         structure = ctx.structure(gm)
         total = len(structure.layers)
+        if ctx.lowering.get("int4_weights"):
+            raise self.refuse("the split form (lower.onnx + upper.onnx) cannot store int4 weights yet, and an earlier "
+                              "quantize-linear chose int4.", fix="use quantize-linear dtype int8 with decouple-attention.")
         if k >= total:
             raise self.refuse(f"layers: {k} would decouple all {total} layers; at least one upper layer must see both"
                               " segments (otherwise encode the segments as separate inputs).",

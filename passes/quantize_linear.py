@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from compiler import gptq as gptq_lib
 from compiler.graph_edit import get_tensor, set_parameter
@@ -29,6 +29,8 @@ from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, regis
 from compiler.simulation import is_simulated, simulated_op
 
 EXCLUDABLE = ("embeddings", "attention", "ffn", "pooler")
+INT4_DEFAULTS = {"block_size": 32, "method": "gptq", "symmetric": False, "clip_search": True, "compute": "int8",
+                 "calibration_batches": 8, "damp": 0.01}
 
 
 @simulated_op
@@ -73,20 +75,38 @@ class QuantizeLinearConfig(PassConfig):
     dtype: Literal["int8", "int4", "fp16"] = Field(
         "int8", description="int8: per-channel weights + dynamic activations (CPU, fast). int4: block-wise 4-bit "
                             "weights (ONNX Runtime MatMulNBits; for size). fp16: half precision (GPU targets).")
-    block_size: Literal[16, 32, 64, 128] = Field(32, description="int4: inputs per scale (smaller: more faithful, more bytes).")
-    method: Literal["gptq", "rtn"] = Field("gptq", description="int4 rounding: GPTQ on calibration text, or round-to-nearest.")
-    symmetric: bool = Field(False, description="int4: symmetric blocks (zero point 8). False: a 4-bit zero point per "
-                            "block (an eighth of a byte per weight at block 32), more faithful on skewed blocks.")
-    clip_search: bool = Field(True, description="int4: per block, try shrinking the range (1.0 to 0.75) and keep the "
-                              "least rounding error.")
-    compute: Literal["int8", "fp32"] = Field(
-        "int8", description="int4: how ONNX Runtime multiplies: int8 activations per block (fast) or fp32 (exact).")
-    calibration_batches: int = Field(8, ge=1, description="int4 + gptq: calibration batches for the input Hessians.")
-    damp: float = Field(0.01, gt=0, le=1, description="int4 + gptq: Hessian dampening, a fraction of its mean diagonal.")
+    # int4 options: None unless dtype is int4 (then the defaults in INT4_DEFAULTS fill in); giving one
+    # with another dtype is an error rather than silently ignored.
+    block_size: Literal[16, 32, 64, 128] | None = Field(None, description="int4 (default 32): inputs per scale; smaller is more faithful and larger.")
+    method: Literal["gptq", "rtn"] | None = Field(None, description="int4 (default gptq): GPTQ rounding on calibration text, or round-to-nearest.")
+    symmetric: bool | None = Field(None, description="int4 (default false): symmetric blocks (zero point 8); false adds a 4-bit "
+                                   "zero point per block (an eighth of a byte per weight at block 32), more faithful on skewed blocks.")
+    clip_search: bool | None = Field(None, description="int4 (default true): per block, try shrinking the range (1.0 to 0.75) "
+                                     "and keep the least rounding error.")
+    compute: Literal["int8", "fp32"] | None = Field(
+        None, description="int4 (default int8): ONNX Runtime multiplies with int8 activations per block (fast) or fp32 (exact).")
+    calibration_batches: int | None = Field(None, ge=1, description="int4 + gptq (default 8): calibration batches for the input Hessians.")
+    damp: float | None = Field(None, gt=0, le=1, description="int4 + gptq (default 0.01): Hessian dampening, a fraction of its mean diagonal.")
     exclude: list[str | int] = Field(
         default_factory=lambda: ["embeddings"],
         description=f"Parts kept in full precision: any of {list(EXCLUDABLE)} or layer indices.",
     )
+
+    @model_validator(mode="after")
+    def _int4_options(self):
+        given = [name for name in INT4_DEFAULTS if getattr(self, name) is not None]
+        if self.dtype != "int4" and given:
+            raise ValueError(f"{given[0]} applies to dtype int4 only, and this step has dtype {self.dtype}; "
+                             "remove it or set dtype: int4")
+        if self.dtype == "int4":
+            for name, value in INT4_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)  # frozen config: fill the defaults once, here
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_int4_options(self, handler):
+        return {key: value for key, value in handler(self).items() if not (key in INT4_DEFAULTS and value is None)}
 
     @field_validator("exclude")
     @classmethod
@@ -165,6 +185,9 @@ class QuantizeLinear(Pass):
     def _int4(self, gm: torch.fx.GraphModule, ctx: PassContext, chosen, kept: list[str]) -> PassResult:
         cfg = self.config
         block = cfg.block_size
+        if ctx.lowering.get("split"):
+            raise self.refuse("decouple-attention's split form (lower.onnx + upper.onnx) cannot store int4 weights yet.",
+                              fix="use dtype int8 with decouple-attention.")
         # Every weight matrix: a low-rank linear is two (x -> inner -> node).
         matrices: list[tuple[torch.fx.Node, str, str]] = []
         for lin in chosen:

@@ -38,7 +38,7 @@ layer_drop = st.one_of(
     st.fixed_dictionaries({"layers": st.just([1]), "top": st.just(1)}),
 )
 quantize = st.fixed_dictionaries({}, optional={
-    "dtype": st.sampled_from(["int8", "int8", "fp16", "int4"]),
+    "dtype": st.sampled_from(["int8", "int8", "fp16", "int4", "int3"]),
     "exclude": st.lists(st.one_of(st.sampled_from(["embeddings", "attention", "ffn", "pooler", "embedings"]), layer_index), max_size=3),
 })
 prune_heads = st.fixed_dictionaries({}, optional={

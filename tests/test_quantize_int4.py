@@ -165,3 +165,28 @@ def test_minilm_gptq_int4_keeps_held_out_cosine_and_beats_round_to_nearest(minil
         got = run_batches(hidden_states(result.graph_module), cal.heldout_batches)
         cosine[method] = compare(reference, got, cal.heldout_batches).cosine
     assert cosine["gptq"] > 0.97 and cosine["gptq"] > cosine["rtn"] + 0.01, cosine
+
+
+def test_int4_and_the_decoupled_split_form_refuse_each_other(tiny, tiny_gm):
+    ctx = PassContext(structure_of=StructureCache(), calibration=calibration_for(tiny), reference=tiny.model,
+                      tokenizer=tiny.tokenizer, model_config=tiny.config, lowering={"split": {"layers": 1}})
+    cls = get_pass("quantize-linear")
+    with pytest.raises(PassRefused, match="split form"):
+        cls(cls.Config.model_validate({"dtype": "int4", "block_size": 16})).run(tiny_gm, ctx)
+    ctx.lowering = {"int4_weights": {"encoder.layer.0.output.dense.weight": {}}}
+    decouple = get_pass("decouple-attention")
+    with pytest.raises(PassRefused, match="split form"):
+        decouple(decouple.Config.model_validate({"layers": 1})).run(tiny_gm, ctx)
+
+
+def test_int4_options_fill_in_for_int4_and_are_an_error_for_other_dtypes():
+    from compiler.errors import RecipeError
+    from compiler.recipe import load_recipe_text
+
+    recipe = load_recipe_text("version: 1\npasses:\n  - quantize-linear: {}\n  - quantize-linear: {dtype: int4}\n", file="r.yaml")
+    int8, int4 = (step["quantize-linear"] for step in recipe.normalized()["passes"])
+    assert "block_size" not in int8 and int4["block_size"] == 32 and int4["method"] == "gptq" and int4["symmetric"] is False
+    with pytest.raises(RecipeError) as info:
+        load_recipe_text("version: 1\npasses:\n  - quantize-linear: {block_size: 64}\n", file="r.yaml")
+    text = info.value.render()
+    assert "r.yaml" in text and "passes[0]" in text and "block_size applies to dtype int4 only" in text

@@ -54,7 +54,7 @@ def test_malformed_yaml_reports_line_and_column(tmp_path):
     ("passes:\n  - layer-drop: {layers: [-1]}\n", "passes[0].layer-drop"),
     ("passes:\n  - layer-drop: {layers: []}\n", "passes[0].layer-drop.layers"),
     ("passes:\n  - layer-drop: {layers: [1], top: 2}\n", "passes[0].layer-drop"),
-    ("passes:\n  - quantize-linear: {dtype: int4}\n", "passes[0].quantize-linear.dtype"),
+    ("passes:\n  - quantize-linear: {dtype: int3}\n", "passes[0].quantize-linear.dtype"),
     ("passes:\n  - quantize-linear: {exclude: [embedings]}\n", "passes[0].quantize-linear.exclude"),
     ("version: 2\n", "version"),
 ])
