@@ -109,6 +109,15 @@ class CacheInfo(_Open):
     inputs: dict[str, Any] = Field(description="Digests of the model, recipe, calibration text and code, and versions.")
 
 
+class Latency(_Open):
+    batch: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    estimated_ms: float | None = Field(description="The cost model's roofline estimate of one forward pass.")
+    measured_ms: float = Field(description="Median of a brief ONNX Runtime measurement (`bertpress bench` measures properly).")
+    runs: int = Field(ge=1)
+
+
 class Report(_Open):
     """A bertpress compile report (report.json)."""
 
@@ -129,6 +138,7 @@ class Report(_Open):
     failure: Failure | None
     cost: CostSummary
     outputs: Outputs | None = Field(None, description="Present when status is ok.")
+    latency: Latency | None = Field(None, description="Estimated against measured latency of the output; present when status is ok.")
     timings: dict[str, float] = Field(description="Seconds per phase (load, trace, passes, lowering, final_check, total).")
     cache: CacheInfo
 
