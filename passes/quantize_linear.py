@@ -11,8 +11,10 @@ rounded by GPTQ on the calibration text (``method: gptq``, default) or to neares
 pass writes the dequantized weights into the graph (they are exactly what the deployed model
 multiplies by) and lowering stores them as ONNX Runtime ``MatMulNBits`` (half a byte per weight plus
 a float16 scale and a 4-bit zero point per block). With ``compute: int8`` (default) ONNX Runtime multiplies with int8
-activations quantized per block of ``block_size`` (accuracy level 4, fast); the pass simulates that
-rounding too. ``compute: fp32`` keeps activations in float (accuracy level 0, exact, slower). A q/k/v
+activations quantized per block of ``block_size`` (accuracy level 4); the pass simulates that
+rounding too. ``compute: fp32`` keeps activations in float (accuracy level 0, exact). int4 buys
+size, not speed, on the x86 machine this was built on: ``bench/matmul_kernels.py`` times MatMulNBits
+at about fp32 speed at either level, where int8 MatMulInteger runs 3.5x faster. A q/k/v
 projection in int4 keeps attention as MultiHeadAttention with separate q/k/v MatMuls, not QAttention.
 """
 
@@ -74,7 +76,7 @@ def fake_fp16(x: torch.Tensor) -> torch.Tensor:
 class QuantizeLinearConfig(PassConfig):
     dtype: Literal["int8", "int4", "fp16"] = Field(
         "int8", description="int8: per-channel weights + dynamic activations (CPU, fast). int4: block-wise 4-bit "
-                            "weights (ONNX Runtime MatMulNBits; for size). fp16: half precision (GPU targets).")
+                            "weights (ONNX Runtime MatMulNBits; for size, about fp32 speed on x86). fp16: half precision (GPU targets).")
     # int4 options: None unless dtype is int4 (then the defaults in INT4_DEFAULTS fill in); giving one
     # with another dtype is an error rather than silently ignored.
     block_size: Literal[16, 32, 64, 128] | None = Field(None, description="int4 (default 32): inputs per scale; smaller is more faithful and larger.")
@@ -84,7 +86,7 @@ class QuantizeLinearConfig(PassConfig):
     clip_search: bool | None = Field(None, description="int4 (default true): per block, try shrinking the range (1.0 to 0.75) "
                                      "and keep the least rounding error.")
     compute: Literal["int8", "fp32"] | None = Field(
-        None, description="int4 (default int8): ONNX Runtime multiplies with int8 activations per block (fast) or fp32 (exact).")
+        None, description="int4 (default int8): ONNX Runtime multiplies with int8 activations per block (accuracy level 4) or fp32 (exact).")
     calibration_batches: int | None = Field(None, ge=1, description="int4 + gptq (default 8): calibration batches for the input Hessians.")
     damp: float | None = Field(None, gt=0, le=1, description="int4 + gptq (default 0.01): Hessian dampening, a fraction of its mean diagonal.")
     exclude: list[str | int] = Field(
