@@ -88,6 +88,15 @@ def test_schema_command_prints_json_schema(capsys):
     assert schema["title"] == "bertpress recipe"
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates_and_the_slow_ones_name_the_bench_that_compiles_them(recipe, capsys):
+    assert main(["validate", str(recipe)]) == 0
+    text = recipe.read_text()
+    if "compiled-by: bench" in text:
+        bench = text.split("compiled-by: ", 1)[1].split()[0]
+        assert (recipe.parent.parent / bench).is_file(), bench
+
+
 @pytest.mark.minilm
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if "compiled-by: bench" not in r.read_text()], ids=lambda p: p.name)
 def test_every_fast_recipe_compiles(recipe, tmp_path):
