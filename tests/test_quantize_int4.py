@@ -110,7 +110,7 @@ def test_int4_lowers_every_linear_to_matmulnbits_and_onnx_runtime_matches_the_gr
     assert float((deployed - simulated).abs().max()) < tolerance
 
 
-def test_int4_then_int8_keeps_the_int4_weights_and_quantizes_the_rest(tiny, tiny_gm):
+def test_int4_then_int8_keeps_the_int4_weights_and_quantizes_the_rest(tiny, tiny_gm, tmp_path):
     ctx = PassContext(structure_of=StructureCache(), calibration=calibration_for(tiny), reference=tiny.model,
                       tokenizer=tiny.tokenizer, model_config=tiny.config, lowering={})
     first_cls, = (get_pass("quantize-linear"),)
@@ -124,6 +124,21 @@ def test_int4_then_int8_keeps_the_int4_weights_and_quantizes_the_rest(tiny, tiny
         f"encoder.layer.{i}.{m}" for i in range(2) for m in ("intermediate.dense", "output.dense"))
     assert mixed.details["quantized_linears"] == 2 * 4 + 1  # q, k, v, output per layer + pooler
     assert not set(mixed.lowering["int8_weights"]) & set(result.lowering["int4_weights"])
+    # Lowered: FFN in MatMulNBits, attention still packed into QAttention, the rest MatMulInteger.
+    from compiler.compile import _int4_weights, _quantize_spec
+    from compiler.pass_manager import _merge
+
+    hints = _merge(result.lowering, mixed.lowering)
+    final = copy.deepcopy(mixed.graph_module)
+    strip_simulation(final)
+    int4, attention_fusion = _int4_weights(final, hints, analyze(final))
+    assert attention_fusion  # no q/k/v weight is int4
+    batch = example_inputs(tiny.tokenizer)
+    lowered = lower_to_onnx(final, batch, tmp_path, quantize=_quantize_spec(hints), int4=int4,
+                            attention_fusion=attention_fusion)
+    assert lowered.quantized["MatMulNBits"] == 4 and lowered.quantized["QAttention"] == 2
+    assert lowered.quantized["MatMulInteger"] == 2 + 1  # attention output projections + pooler
+    assert lowered.lowered_min_cosine > 0.99
 
 
 def test_int8_then_int4_is_refused(tiny, tiny_gm):
