@@ -20,6 +20,7 @@ projection in int4 keeps attention as MultiHeadAttention with separate q/k/v Mat
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
@@ -35,11 +36,29 @@ INT4_DEFAULTS = {"block_size": 32, "method": "gptq", "symmetric": False, "clip_s
                  "calibration_batches": 8, "damp": 0.01}
 
 
+# Fake-quantized weights by id(weight): validation runs the same weights over every held-out batch,
+# so each is rounded once, until the weight changes (its version counter moves, e.g. a distill step)
+# or dies (the weakref callback drops the entry, so a reused id never hits).
+_ROUNDED_WEIGHTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
 @simulated_op
 def fake_quant_weight_int8(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel, as ONNX Runtime's per-channel weight quantization."""
-    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-    return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+    """Symmetric int8 per output channel, as ONNX Runtime's per-channel weight quantization.
+
+    No gradient flows through it (round has none; distill's straight-through estimator adds its own).
+    """
+    key = id(weight)
+    hit = _ROUNDED_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    with torch.no_grad():
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        rounded = torch.clamp(torch.round(weight / scale), -127, 127) * scale
+    if type(rounded) is torch.Tensor:  # not under FakeTensorMode (the cost model's shape pass)
+        _ROUNDED_WEIGHTS[key] = (weakref.ref(weight, lambda _, key=key: _ROUNDED_WEIGHTS.pop(key, None)),
+                                 weight._version, rounded)
+    return rounded
 
 
 @simulated_op

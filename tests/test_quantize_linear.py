@@ -71,3 +71,13 @@ def test_minilm_int8_simulation_keeps_cosine(minilm, minilm_gm):
     result = run_pass("quantize-linear", {}, minilm_gm, minilm, calibration=cal)
     got = compare(reference, run_batches(hidden_states(result.graph_module), cal.heldout_batches), cal.heldout_batches)
     assert got.cosine > 0.98
+
+
+def test_rounded_weights_are_reused_until_the_weight_changes():
+    w = torch.randn(8, 16)
+    first = fake_quant_weight_int8(w)
+    assert fake_quant_weight_int8(w) is first  # validation batches reuse one rounding
+    w.mul_(2.0)  # an in-place update (a distill step) moves the version counter
+    second = fake_quant_weight_int8(w)
+    assert second is not first and torch.allclose(second, 2.0 * first)
+    assert torch.equal(fake_quant_weight_int8(w.clone()), second)  # another tensor: computed, same values
