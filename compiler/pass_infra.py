@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import PassRefused, RecipeError
 
@@ -35,6 +35,38 @@ class PassConfig(BaseModel):
         "stop",
         description="What the compile does if this pass breaks its check: stop with exit code 1, or roll it back and go on.",
     )
+
+
+class PerLayerKeepConfig(PassConfig):
+    """``keep`` (one count, or one per layer) or ``keep_fraction``: how much of each layer a pruning pass keeps.
+
+    Shared by prune-heads and prune-ffn; subclasses restate the fields' descriptions in their own unit.
+    """
+
+    keep: int | list[int] | None = Field(None, description="Units kept per layer: one number, or a list with one entry per layer.")
+    keep_fraction: float | None = Field(None, gt=0.0, le=1.0, description="Share of the units kept.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.keep is None) == (self.keep_fraction is None):
+            raise ValueError("give exactly one of keep or keep_fraction")
+        if isinstance(self.keep, int) and self.keep < 1:
+            raise ValueError("keep must be >= 1 (a layer cannot lose all of them; remove a whole layer with layer-drop)")
+        if isinstance(self.keep, list) and (not self.keep or min(self.keep) < 1):
+            raise ValueError("keep lists one count >= 1 per layer")
+        return self
+
+    def counts(self, pass_: "Pass", sizes: list[int], unit: str) -> list[int | None]:
+        """The count ``keep`` asks for in each layer (None under keep_fraction), refused if impossible."""
+        if isinstance(self.keep, list) and len(self.keep) != len(sizes):
+            raise pass_.refuse(f"keep lists {len(self.keep)} counts but the model has {len(sizes)} layers.",
+                               fix=f"give one count per layer ({len(sizes)}) or a single number.")
+        wanted = self.keep if isinstance(self.keep, list) else [self.keep] * len(sizes)
+        for index, (count, size) in enumerate(zip(wanted, sizes)):
+            if count is not None and count > size:
+                raise pass_.refuse(f"keep asks for {count} {unit} in layer {index}, which has {size}.",
+                                   fix=f"keep at most {size} {unit} per layer.")
+        return wanted
 
 
 class InputMap:

@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from compiler import importance as imp
 from compiler.graph_edit import get_tensor, set_parameter, slice_parameter
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import Pass, PassContext, PassResult, PerLayerKeepConfig, register_pass
 
 
-class PruneHeadsConfig(PassConfig):
+class PruneHeadsConfig(PerLayerKeepConfig):
     keep: int | list[int] | None = Field(
         None, description="Heads kept per layer: one number for every layer, or a list with one entry per layer.")
     keep_fraction: float | None = Field(
@@ -41,16 +41,6 @@ class PruneHeadsConfig(PassConfig):
         " calibration domain: on MiniLM at 8 heads it raised held-out cosine on unseen Python-docs text (0.856 ->"
         " 0.889) but lowered it on WordNet glosses (0.879 -> 0.609); use it only with in-domain calibration text.")
     calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
-
-    @model_validator(mode="after")
-    def _one_target(self):
-        if (self.keep is None) == (self.keep_fraction is None):
-            raise ValueError("give exactly one of keep or keep_fraction")
-        if isinstance(self.keep, int) and self.keep < 1:
-            raise ValueError("keep must be >= 1 (a layer cannot lose every head)")
-        if isinstance(self.keep, list) and (not self.keep or min(self.keep) < 1):
-            raise ValueError("keep lists one count >= 1 per layer")
-        return self
 
 
 def choose_heads(scores: list[torch.Tensor], cfg: PruneHeadsConfig) -> list[list[int]]:
@@ -90,15 +80,7 @@ class PruneHeads(Pass):
         cfg = self.config
         structure = ctx.structure(gm)
         layers = structure.layers
-        if isinstance(cfg.keep, list) and len(cfg.keep) != len(layers):
-            raise self.refuse(f"keep lists {len(cfg.keep)} counts but the model has {len(layers)} layers.",
-                              fix=f"give one count per layer ({len(layers)}) or a single number.")
-        for layer in layers:
-            heads = layer.attention.num_heads
-            wanted = cfg.keep[layer.index] if isinstance(cfg.keep, list) else cfg.keep
-            if wanted is not None and wanted > heads:
-                raise self.refuse(f"keep asks for {wanted} heads in layer {layer.index}, which has {heads}.",
-                                  fix=f"keep at most {heads} heads per layer.")
+        cfg.counts(self, [layer.attention.num_heads for layer in layers], "heads")
         _refuse_shared_weights(self, structure)
 
         batches = ctx.calibration.batches[:cfg.calibration_batches]

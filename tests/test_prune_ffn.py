@@ -85,7 +85,7 @@ def test_bias_compensation_keeps_the_output_closer(tiny):
 
 
 def test_keeping_more_neurons_than_exist_is_refused(tiny, tiny_gm):
-    with pytest.raises(PassRefused, match="whose FFN has 64"):
+    with pytest.raises(PassRefused, match="65 neurons in layer 0, which has 64"):
         run_pass("prune-ffn", {"keep": 65}, tiny_gm, tiny)
 
 
