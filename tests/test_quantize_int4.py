@@ -205,3 +205,20 @@ def test_int4_options_fill_in_for_int4_and_are_an_error_for_other_dtypes():
         load_recipe_text("version: 1\npasses:\n  - quantize-linear: {block_size: 64}\n", file="r.yaml")
     text = info.value.render()
     assert "r.yaml" in text and "passes[0]" in text and "block_size applies to dtype int4 only" in text
+
+
+def test_lowering_keeps_fp32_and_says_so_when_a_later_pass_changed_an_int4_weight(tiny, tiny_gm, tmp_path):
+    result = run_pass("quantize-linear", {"dtype": "int4", "block_size": 16, "method": "rtn", "compute": "fp32"}, tiny_gm, tiny)
+    hints = result.lowering["int4_weights"]
+    final = copy.deepcopy(result.graph_module)
+    structure = analyze(final)
+    up, down = structure.layers[0].ffn.up.weight, structure.layers[0].ffn.down.weight
+    get_tensor(final, down).data.add_(1e-3)  # trained after quantization: off the 4-bit grid
+    int4 = {t: (get_tensor(final, t).detach().numpy(), h) for t, h in hints.items()}
+    int4[up] = (int4[up][0], {**hints[up], "scales": hints[up]["scales"][:, :1]})  # scales of another shape
+    lowered = lower_to_onnx(final, example_inputs(tiny.tokenizer), tmp_path, quantize=None, int4=int4,
+                            attention_fusion=False)
+    notes = " ".join(lowered.notes)
+    assert "re-rounded to its scales" in notes and down in notes
+    assert "changed shape" in notes and up in notes
+    assert lowered.quantized["MatMulNBits"] == len(hints) - 1

@@ -120,6 +120,9 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
                          f"(4-bit, float16 block scales, accuracy_level {levels})")
             if stored["missing"]:
                 notes.append(f"int4: WARNING no MatMul found for {stored['missing']}; they stay fp32")
+            if stored["reshaped"]:
+                notes.append(f"int4: WARNING weights changed shape after quantize-linear (a later pass pruned them?); "
+                             f"they stay fp32: {sorted(stored['reshaped'])}")
             if stored["drifted"]:
                 notes.append(f"int4: WARNING weights changed after quantize-linear (a later pass trained them?) and "
                              f"were re-rounded to its scales: {sorted(stored['drifted'])}")

@@ -8,7 +8,7 @@ its bias) whose constant weight is one of them becomes ``MatMulNBits(A, B, scale
     (ONNX Runtime's default zero point is 8);
   * ``scales``: stored as float16 and widened by a ``Cast`` that ONNX Runtime folds when the session
     loads (the pass rounds scales to float16 itself, so the stored model is the validated one);
-  * ``accuracy_level`` 4 (int8 activations per block, fast) or 0 (fp32, exact), as the recipe chose.
+  * ``accuracy_level`` 4 (int8 activations per block) or 0 (fp32, exact), as the recipe chose.
 MatMuls are found by content (the fp32 weight equals the graph's weight transposed), so the
 exporter's names do not matter. Runs before int8 quantization, which then leaves these nodes alone.
 """
@@ -61,7 +61,7 @@ def store_int4(path: Path, weights: dict[str, tuple[np.ndarray, dict]]) -> dict:
     for target, (weight, _) in weights.items():
         by_shape.setdefault(tuple(weight.shape), []).append(target)
 
-    stored, drifted, casts, constants = {}, {}, [], []
+    stored, drifted, reshaped, casts, constants = {}, {}, {}, [], []
     replacements: dict[int, list[onnx.NodeProto]] = {}
     done: dict[str, str] = {}  # B initializer name -> target (a shared weight feeds several MatMuls)
     for index, node in enumerate(graph.node):
@@ -94,6 +94,9 @@ def store_int4(path: Path, weights: dict[str, tuple[np.ndarray, dict]]) -> dict:
         prefix = f"{tensor.name}_q4"
         if target not in stored:
             scales = np.asarray(hint["scales"], dtype=np.float32)
+            if scales.shape != (n, k // block):  # a later pass reshaped the weight: the scales no longer fit
+                reshaped[target] = [n, k]
+                continue
             zeros = hint.get("zero_points")
             zeros = np.full(scales.shape, 8, dtype=np.uint8) if zeros is None else np.asarray(zeros, dtype=np.uint8)
             q, drift = _integers(weight, scales, zeros, block)
@@ -122,7 +125,7 @@ def store_int4(path: Path, weights: dict[str, tuple[np.ndarray, dict]]) -> dict:
         consumers[tensor.name] -= 1
 
     if not stored:
-        return {"stored": {}, "missing": sorted(weights), "drifted": {}}
+        return {"stored": {}, "missing": sorted(set(weights) - set(reshaped)), "drifted": {}, "reshaped": reshaped}
     # Constant-only casts first keeps the node list topologically sorted.
     nodes = casts + [new for index, node in enumerate(graph.node) for new in replacements.get(index, [node])]
     del graph.node[:]
@@ -134,4 +137,5 @@ def store_int4(path: Path, weights: dict[str, tuple[np.ndarray, dict]]) -> dict:
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     onnx.save(model, path)
-    return {"stored": stored, "missing": sorted(set(weights) - set(stored)), "drifted": drifted}
+    return {"stored": stored, "missing": sorted(set(weights) - set(stored) - set(reshaped)), "drifted": drifted,
+            "reshaped": reshaped}
