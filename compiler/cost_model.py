@@ -20,6 +20,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Interpreter
 
+from .gptq import stored_bytes
 from .graph_edit import get_tensor
 from .roofline import Machine
 from .simulation import is_simulated
@@ -167,7 +168,7 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
             count = int(tensor.numel())
             if node.target in int4_weights:
                 block, _, zero_points = int4_weights[node.target]
-                size = count // 2 + 2 * (count // block) + (count // block // 2 if zero_points else 0)
+                size = stored_bytes(count, block, zero_points)
             elif node.target in int8_weights:
                 size = count + 4 * int(tensor.shape[0])
             elif node.target in fp16_weights:

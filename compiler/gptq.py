@@ -48,6 +48,12 @@ class BlockQuantized:
         return (blocks * self.scales[:, :, None]).reshape(rows, cols)
 
 
+def stored_bytes(count: int, block: int, zero_points: bool) -> int:
+    """Bytes of ``count`` 4-bit weights as lowering stores them: nibbles, a float16 scale per block and,
+    with zero points, a nibble per block."""
+    return count // 2 + 2 * (count // block) + (count // block // 2 if zero_points else 0)
+
+
 def _to_stored(scale: torch.Tensor) -> torch.Tensor:
     """Scales are stored as float16: round them here so the graph holds exactly the deployed weights."""
     return scale.clamp(min=1e-7, max=6e4).half().to(scale.dtype)

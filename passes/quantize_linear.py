@@ -142,7 +142,7 @@ class QuantizeLinearConfig(PassConfig):
 
 @register_pass
 class QuantizeLinear(Pass):
-    """Quantize linear layers to int8 (or fp16), simulated in the graph and realized at lowering."""
+    """Quantize linear layers to int8, int4 or fp16, simulated (int4: rounded) in the graph and realized at lowering."""
 
     name = "quantize-linear"
     Config = QuantizeLinearConfig
@@ -171,7 +171,10 @@ class QuantizeLinear(Pass):
         already_int4 = [lin for lin in chosen if lin.weight in int4_before]
         chosen = [lin for lin in chosen if lin.weight not in int4_before]
         if cfg.dtype == "int4":
-            return self._int4(gm, ctx, chosen, kept)
+            result = self._int4(gm, ctx, chosen, kept)
+            if already_int4:
+                result.details["kept_int4"] = sorted(lin.module for lin in already_int4)
+            return result
 
         weight_op = fake_quant_weight_int8 if cfg.dtype == "int8" else fake_fp16
         act_op = fake_quant_activation_uint8 if cfg.dtype == "int8" else fake_fp16
@@ -272,7 +275,7 @@ class QuantizeLinear(Pass):
         details = {"dtype": "int4", "method": cfg.method, "block_size": block, "compute": cfg.compute,
                    "quantized_linears": len(chosen), "weight_matrices": len(scales), "weights": count,
                    "symmetric": cfg.symmetric, "clip_search": cfg.clip_search,
-                   "stored_bytes": count // 2 + 2 * (count // block) + (0 if cfg.symmetric else count // block // 2),
+                   "stored_bytes": gptq_lib.stored_bytes(count, block, zero_points=not cfg.symmetric),
                    "mean_relative_weight_error": round(sum(errors) / max(len(errors), 1), 5),
                    "kept_full_precision": sorted(kept),
                    "calibration_batches": len(batches) if cfg.method == "gptq" else 0}
