@@ -113,12 +113,12 @@ def test_int4_lowers_every_linear_to_matmulnbits_and_onnx_runtime_matches_the_gr
 def test_int4_then_int8_keeps_the_int4_weights_and_quantizes_the_rest(tiny, tiny_gm, tmp_path):
     ctx = PassContext(structure_of=StructureCache(), calibration=calibration_for(tiny), reference=tiny.model,
                       tokenizer=tiny.tokenizer, model_config=tiny.config, lowering={})
-    first_cls, = (get_pass("quantize-linear"),)
-    first = first_cls(first_cls.Config.model_validate({"dtype": "int4", "block_size": 16, "method": "rtn",
-                                                      "exclude": ["attention", "pooler"]}))
+    cls = get_pass("quantize-linear")
+    first = cls(cls.Config.model_validate({"dtype": "int4", "block_size": 16, "method": "rtn",
+                                          "exclude": ["attention", "pooler"]}))
     result = first.run(tiny_gm, ctx)
     ctx.lowering = result.lowering
-    second = first_cls(first_cls.Config.model_validate({}))
+    second = cls(cls.Config.model_validate({}))
     mixed = second.run(result.graph_module, ctx)
     assert sorted(mixed.details["kept_int4"]) == sorted(
         f"encoder.layer.{i}.{m}" for i in range(2) for m in ("intermediate.dense", "output.dense"))
