@@ -10,10 +10,11 @@ columns not yet quantized, weighted by the inverse Hessian ``H = X^T X`` of the 
 calibration text, so the *outputs* of the layer move as little as possible rather than the weights.
 It is applied in graph order: each group of linears that read the same input is quantized with the
 inputs the already-quantized graph produces, so later layers correct the error of earlier ones.
-On MiniLM (six layers, blocks of 32, 256 Python-docs calibration texts, 200 held-out docs; a scratch
-experiment on the Hugging Face model): round-to-nearest symmetric keeps a mean cosine of 0.957,
-GPTQ symmetric 0.989, GPTQ with clip search 0.991, GPTQ asymmetric 0.9924, asymmetric with clip search
-0.9925 (min 0.984). `bench/small_model.py` measures the compiled model.
+During development, a one-off experiment on MiniLM's Hugging Face model (blocks of 32, 256 Python-docs
+calibration texts, 200 held-out docs; not a bench of this repo) kept a mean cosine of 0.957 with
+round-to-nearest symmetric, 0.989 GPTQ symmetric, 0.991 with clip search, 0.9924 asymmetric and
+0.9925 asymmetric with clip search: hence the defaults. `python bench/small_model.py` measures the
+compiled recipe; `--encoder-precision` there reproduces the round-to-nearest rows.
 """
 
 from __future__ import annotations
