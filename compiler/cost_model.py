@@ -125,15 +125,15 @@ def node_seconds(node, values, flops: int, machine: Machine, int8_weights, weigh
 def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None = None,
              int8_weights: set[str] | frozenset = frozenset(), fp16_weights: set[str] | frozenset = frozenset(),
              sparse_weights: set[str] | frozenset = frozenset(), machine: Machine | None = None,
-             int4_weights: dict[str, tuple[int, bool, bool]] | None = None) -> Cost:
+             int4_weights: dict[str, tuple[int, bool]] | None = None) -> Cost:
     """Estimate the cost of one forward pass at (batch, seq).
 
     ``int8_weights``/``fp16_weights`` name weights that lowering will store in that precision
     (int8 per-channel: one byte per element plus a float scale per output channel). ``sparse_weights``
     are stored as sparse initializers (nonzeros + indices) when that is smaller; their FLOPs stay dense.
-    ``int4_weights`` maps a weight to (block size, int8 compute, zero points): half a byte per element,
+    ``int4_weights`` maps a weight to (block size, zero points): half a byte per element,
     a float16 scale and (with zero points) half a byte per block. Its linear is timed at the fp32
-    peak whatever the compute: on the x86 machine this was built on (AVX-512 VNNI, ONNX Runtime 1.32)
+    peak whatever its compute level: on the x86 machine this was built on (AVX-512 VNNI, ONNX Runtime 1.32)
     ``python bench/matmul_kernels.py`` timed MatMulNBits at 1.1x the speed of fp32 MatMul (accuracy
     level 4; level 0 about 1.0x) where int8 MatMulInteger ran at 3.5x.
     With a ``machine`` (see :func:`compiler.roofline.machine`) the cost includes a roofline latency.
@@ -167,7 +167,7 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
             seen_storage.add(key)
             count = int(tensor.numel())
             if node.target in int4_weights:
-                block, _, zero_points = int4_weights[node.target]
+                block, zero_points = int4_weights[node.target]
                 size = stored_bytes(count, block, zero_points)
             elif node.target in int8_weights:
                 size = count + 4 * int(tensor.shape[0])

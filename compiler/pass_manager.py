@@ -104,7 +104,7 @@ class PassManager:
             int8_weights=set(state.lowering.get("int8_weights", ())),
             fp16_weights=set(state.lowering.get("fp16_weights", ())),
             sparse_weights=set(state.lowering.get("sparse_weights", ())), machine=self.machine,
-            int4_weights={target: (hint["block_size"], hint["accuracy_level"] == 4, hint.get("zero_points") is not None)
+            int4_weights={target: (hint["block_size"], hint.get("zero_points") is not None)
                           for target, hint in state.lowering.get("int4_weights", {}).items()},
         )
 

@@ -159,7 +159,7 @@ def test_cost_model_counts_half_a_byte_per_int4_weight_plus_float16_block_scales
     result = run_pass("quantize-linear", {"dtype": "int4", "block_size": 16, "method": "rtn"}, tiny_gm, tiny)
     gm = result.graph_module
     structure = analyze(gm)
-    blocks = {t: (16, True, True) for t in result.lowering["int4_weights"]}
+    blocks = {t: (16, True) for t in result.lowering["int4_weights"]}  # block 16, zero points
     before = cost_model.estimate(gm, batch=1, seq=8, component_of=structure.node_component)
     after = cost_model.estimate(gm, batch=1, seq=8, component_of=structure.node_component, int4_weights=blocks)
     count = sum(get_tensor(gm, t).numel() for t in blocks)
