@@ -3,7 +3,7 @@
 Lossy (it changes weights), but it exists to *recover* fidelity that earlier lossy passes
 (layer-drop, head pruning, quantization) gave up; the pass manager rolls it back if held-out
 fidelity ends up lower than before it. It rewrites no nodes: it trains the graph's parameters in
-place on unlabeled text, with three weighted losses:
+place on unlabeled text, with weighted losses:
 
 - output: 1 - cosine (or MSE) of the pooled sentence embedding, student vs teacher;
 - hidden: per-layer MSE of the residual stream (MobileBERT/TinyBERT feature-map transfer); student
@@ -11,7 +11,9 @@ place on unlabeled text, with three weighted losses:
   layer it was kept from, found by the structure analysis of both graphs);
 - attention: KL between teacher and student attention distributions, recomputed from each
   attention op's query/key inputs (the fused op never materializes them); when heads were pruned
-  both sides are averaged over heads.
+  both sides are averaged over heads;
+- similarity (off by default): MSE between teacher and student in-batch matrices of pairwise
+  cosines of the pooled embeddings, so neighbours stay neighbours.
 
 Needs: the structure analysis, the reference model (traced here once as the teacher), the
 tokenizer, and training text: the calibration texts, or ``texts``/``samples`` loaded with
@@ -28,7 +30,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compiler import distillation as kd
 from compiler.calibration import load_texts, tokenize_batches
@@ -45,6 +47,9 @@ class LossWeights(BaseModel):
     output: float = Field(1.0, ge=0.0, description="Weight of the pooled-embedding loss (see output_loss).")
     hidden: float = Field(1.0, ge=0.0, description="Weight of the per-layer hidden-state MSE (layer outputs, mapped by layer_map).")
     attention: float = Field(1.0, ge=0.0, description="Weight of the attention-distribution KL (teacher || student), mapped by layer_map.")
+    similarity: float = Field(0.0, ge=0.0, description="Weight of the in-batch similarity loss: MSE between the teacher's and the"
+                              " student's matrices of pairwise cosines of the pooled embeddings (relational KD, Park et al."
+                              " 2019). It trains what nearest-neighbour search reads: which texts are close to which.")
 
 
 class DistillConfig(PassConfig):
@@ -58,7 +63,7 @@ class DistillConfig(PassConfig):
     clip: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
     seed: int | None = Field(None, ge=0, description="Seed of text sampling and shuffling (default: the calibration seed).")
     train: Literal["all", "no-embeddings"] = Field("all", description="Which parameters train; no-embeddings freezes the lookup tables and their layer norm.")
-    losses: LossWeights = Field(LossWeights(), description="Weights of the output, hidden-state and attention losses.")
+    losses: LossWeights = Field(LossWeights(), description="Weights of the output, hidden-state, attention and similarity losses.")
     output_loss: Literal["cosine", "mse"] = Field("cosine", description="Pooled-embedding loss: 1 - cosine, or MSE.")
     pooling: Literal["mean", "cls"] = Field("mean", description="How the sentence embedding is pooled (match the model's sentence-transformers config).")
     layer_map: Literal["uniform", "kept"] | list[int] = Field(
@@ -71,8 +76,17 @@ class DistillConfig(PassConfig):
         " folder; a list mixes them); default: the calibration texts. Held-out validation texts are always removed.")
     samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`, in equal shares when it lists several sources.")
     pack: bool = Field(False, description="Join consecutive short texts into sequences of about max_length tokens.")
+    bucket: bool = Field(False, description="Batch texts of similar length together, so batches carry little padding"
+                         " (about 1.7x more steps per hour on WordNet glosses; same texts per epoch). Excludes pack.")
     qat: bool = Field(False, description="Train with int8-simulated linears (straight-through), for a quantize-linear that comes after distill.")
     monitor_every: int = Field(50, ge=1, description="Steps between fidelity measurements on a monitor slice of the training texts.")
+
+    @model_validator(mode="after")
+    def _pack_or_bucket(self):
+        if self.pack and self.bucket:
+            raise ValueError("pack and bucket exclude each other: packed sequences all have about max_length tokens;"
+                             " set one of them to false")
+        return self
 
     @field_validator("layer_map")
     @classmethod
@@ -105,7 +119,7 @@ class Distill(Pass):
 
         texts, source = self._training_texts(ctx, seed)
         monitor, texts = texts[:MONITOR_TEXTS], texts[MONITOR_TEXTS:]
-        stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed, pack=cfg.pack)
+        stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed, pack=cfg.pack, bucket=cfg.bucket)
         monitor_batches = tokenize_batches(ctx.tokenizer, monitor, cfg.max_length, cfg.batch_size)
 
         trained = self._trainable(gm, structure)
@@ -126,7 +140,8 @@ class Distill(Pass):
                 param.requires_grad_(flags[name])
         details = {"texts": source, "training_texts": len(texts), "epochs": stream.epochs, "layer_map": layer_map,
                    "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
-                   "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, **history}
+                   "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, "bucket": cfg.bucket,
+                   "padding_share": round(stream.padding_share, 3), **history}
         return PassResult(gm, modified=True, details=details)
 
     def _layer_map(self, student, teacher) -> list[int]:
@@ -209,6 +224,8 @@ class Distill(Pass):
             terms = {}
             if weights.output:
                 terms["output"] = kd.output_loss(t["layers"][-1], s["layers"][-1], mask, cfg.output_loss, cfg.pooling)
+            if weights.similarity:
+                terms["similarity"] = kd.similarity_loss(t["layers"][-1], s["layers"][-1], mask, cfg.pooling)
             if weights.hidden:
                 terms["hidden"] = sum(kd.hidden_mse(t["layers"][m], s["layers"][j], mask)
                                       for j, m in enumerate(layer_map)) / len(layer_map)

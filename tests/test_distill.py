@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
 
 from compiler import distillation as kd
-from compiler.errors import PassRefused
+from compiler.errors import PassRefused, RecipeError
 from compiler.frontend import example_inputs, trace
 from compiler.pass_manager import PassCheckFailed, PassManager
-from compiler.recipe import load_recipe_text
+from compiler.recipe import load_recipe, load_recipe_text
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
 from tests.conftest import make_tiny_bert
@@ -133,6 +134,30 @@ def test_attention_kl_is_zero_for_equal_distributions_and_averages_heads_when_co
     assert float(kd.attention_kl(teacher, teacher.flip(1), mask)) > 0.0
 
 
+def test_similarity_loss_sees_neighbours_not_scale_and_ignores_padding():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    teacher = torch.randn(3, 4, 8)
+    scaled = teacher * 3.0  # the same directions: the same pairwise cosines
+    assert float(kd.similarity_loss(teacher, scaled, mask, "mean")) == pytest.approx(0.0, abs=1e-10)
+    padded = teacher.clone()
+    padded[0, 3] = 100.0  # a padding position changes nothing
+    assert float(kd.similarity_loss(teacher, padded, mask, "mean")) == pytest.approx(0.0, abs=1e-10)
+    swapped = teacher[[1, 0, 2]]  # a student that confuses which text is which is penalized
+    assert float(kd.similarity_loss(teacher, swapped, mask[[1, 0, 2]], "mean")) > 1e-3
+    assert float(kd.similarity_loss(teacher[:1], teacher[:1] + 1, mask[:1], "mean")) == 0.0
+
+
+def test_similarity_loss_trains_and_is_reported(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    before = {name: p.detach().clone() for name, p in gm.named_parameters()}
+    result = run_pass("distill", {**FAST, "steps": 3, "losses": {"output": 0.0, "hidden": 0.0, "attention": 0.0,
+                                                                   "similarity": 1.0}}, gm, tiny3, calibration)
+    assert set(result.details["curve"][-1]) == {"step", "loss", "monitor_cosine", "similarity"}
+    # its gradient alone reaches the encoder's weights
+    assert any(not torch.equal(before[name], p) for name, p in gm.named_parameters() if "layer" in name)
+
+
 def test_uniform_layer_map_spreads_student_layers_and_keeps_the_top():
     assert kd.uniform_layer_map(4, 6) == [0, 2, 3, 5]
     assert kd.uniform_layer_map(3, 6) == [1, 3, 5]
@@ -251,6 +276,33 @@ def test_packing_joins_short_texts_into_sequences_of_about_max_length(tiny3):
     plain = kd.TextStream(texts, tiny3.tokenizer, batch_size=4, max_length=32, seed=0).next()
     assert packed["attention_mask"].sum(1).min() >= 30
     assert plain["attention_mask"].sum(1).max() < 12
+
+
+def test_bucketing_cuts_padding_and_still_visits_every_text_once_per_epoch(tiny3):
+    rng = random.Random(0)
+    texts = [" ".join(f"word{j}" for j in range(rng.randint(1, 20))) + f" text{i}" for i in range(160)]
+    bucketed = kd.TextStream(texts, tiny3.tokenizer, batch_size=8, max_length=64, seed=0, bucket=True)
+    plain = kd.TextStream(texts, tiny3.tokenizer, batch_size=8, max_length=64, seed=0)
+    seen = []
+    for _ in range(20):  # one epoch: 160 texts in batches of 8
+        batch = bucketed.next()
+        plain.next()
+        seen += tiny3.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert bucketed.epochs == 1 and sorted(seen) == sorted(tiny3.tokenizer.batch_decode(
+        tiny3.tokenizer(texts)["input_ids"], skip_special_tokens=True))
+    assert bucketed.padding_share < 0.1 < 0.3 < plain.padding_share
+    # seeded: the same batches again
+    again = kd.TextStream(texts, tiny3.tokenizer, batch_size=8, max_length=64, seed=0, bucket=True)
+    first = kd.TextStream(texts, tiny3.tokenizer, batch_size=8, max_length=64, seed=0, bucket=True)
+    assert all(torch.equal(again.next()["input_ids"], first.next()["input_ids"]) for _ in range(25))
+
+
+def test_pack_and_bucket_together_are_a_recipe_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: builtin:minilm-l6\npasses:\n  - distill: {steps: 10, pack: true, bucket: true}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    assert "passes[0]" in str(error.value) and "pack and bucket exclude each other" in str(error.value)
 
 
 def test_a_list_of_text_sources_mixes_them_in_equal_shares(tiny3, calibration, tmp_path):
