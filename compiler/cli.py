@@ -1,4 +1,4 @@
-"""The ``bertpress`` command line: compile, validate, schema, inspect, bench.
+"""The ``bertpress`` command line: compile, validate, schema, inspect, bench, roofline.
 
 Typed errors become one clear paragraph on stderr and their exit code (2 bad input, 1 a check
 failed); nothing else in the package prints.
@@ -179,6 +179,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_roofline(args) -> int:
+    from rich.table import Table
+
+    from . import roofline
+
+    cached = roofline.cache_path()
+    with console.status(f"measuring the roofline at {args.threads} threads" if args.refresh else "reading the roofline",
+                        spinner="dots"):
+        machine = roofline.machine(args.threads, refresh=args.refresh)
+    table = Table(title=f"roofline of this machine at {machine.threads} threads (ONNX Runtime {machine.onnxruntime})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for label, value in (("fp32 GEMM", f"{machine.fp32_gflops:.1f} GFLOP/s"), ("int8 GEMM", f"{machine.int8_gflops:.1f} GFLOP/s"),
+                         ("memory bandwidth", f"{machine.bandwidth_gbs:.1f} GB/s"), ("per-kernel overhead", f"{machine.overhead_us:.2f} us"),
+                         ("cpu", machine.cpu), ("measured at", machine.measured_at),
+                         ("load average then", "-" if machine.load_average is None else f"{machine.load_average:.2f}")):
+        table.add_row(label, value)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(table)
+    console.print(f"cached in {cached}; the cost model's latency estimates use it.", markup=False)
+    if machine.load_average is not None and machine.load_average >= machine.threads:
+        console.print(f"bertpress: warning: the machine was busy when this was measured (load average {machine.load_average:.2f}"
+                      f" for {machine.threads} threads): the peaks are low and latency estimates high. Rerun"
+                      " `bertpress roofline --refresh` when it is idle.", markup=False)
+    print(json.dumps(machine.as_dict(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertpress", description="Compile BERT-family models with a compression recipe.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20, help="interleaved timed rounds (after 2 warm-ups)")
     p.add_argument("--json", help="write the figures here (default: print them to stdout)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("roofline", help="the machine roofline the cost model uses: show it, or measure it again")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (a recipe's target.threads)")
+    p.add_argument("--refresh", action="store_true", help="measure again (a few seconds; best on an idle machine)")
+    p.set_defaults(func=cmd_roofline)
     return parser
 
 
