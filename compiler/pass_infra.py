@@ -150,9 +150,17 @@ class Pass:
 
     def __init__(self, config: PassConfig):
         self.config = config
+        # run() sets this when, on this graph, the rewrite turned out to change nothing numerically
+        # (every unit kept, full rank, layers already equal): the manager then checks it as exact.
+        self.kept_everything = False
 
     def is_exact(self) -> bool:
-        return self.kind == "exact"
+        """Checked at 1e-4 (exact) or against the recipe's budget (lossy)?
+
+        Asked before run() (the config alone: override to add cases such as keep_fraction 1.0) and
+        again after it, when ``kept_everything`` may have been set.
+        """
+        return self.kind == "exact" or self.kept_everything
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -71,12 +71,8 @@ class LowRank(Pass):
     must_run_before = ("quantize-linear", "share-layers")
     must_run_after = ("prune-heads", "prune-ffn")
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._full_rank = False
-
     def is_exact(self) -> bool:
-        return self.config.rank_fraction == 1.0 or self.config.energy == 1.0 or self._full_rank
+        return self.config.rank_fraction == 1.0 or self.config.energy == 1.0 or super().is_exact()
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -100,7 +96,7 @@ class LowRank(Pass):
                     f" two factors would store and compute {rank * (m + n):,} weights instead of {m * n:,}.",
                     fix=f"use a rank below {m * n // (m + n) + (1 if (m * n) % (m + n) else 0)}, or set force: true with a reason.")
             plans.append((lin, rank, a, b, energy, (m, n)))
-        self._full_rank = all(rank == min(shape) for _, rank, _, _, _, shape in plans)
+        self.kept_everything = all(rank == min(shape) for _, rank, _, _, _, shape in plans)
         report = []
         for lin, rank, a, b, energy, (m, n) in plans:
             _split_linear(gm, lin, a, b)
@@ -141,7 +137,7 @@ class LowRank(Pass):
         if rank * (vocab + hidden) >= vocab * hidden and not cfg.force:
             raise self.refuse(f"rank {rank} of the {vocab}x{hidden} word table is at or above the break-even"
                               f" {vocab * hidden // (vocab + hidden)}.", fix="use a smaller rank, or force: true with a reason.")
-        self._full_rank = rank == min(vocab, hidden)
+        self.kept_everything = rank == min(vocab, hidden)
         base = structure.embeddings.word_weight.rsplit(".", 1)[0]
         set_parameter(gm, f"{base}.low_rank_table", a.t().contiguous())  # vocab x r
         set_parameter(gm, f"{base}.low_rank_projection", b)  # hidden x r

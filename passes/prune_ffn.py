@@ -52,12 +52,8 @@ class PruneFfn(Pass):
     must_run_before = ("low-rank", "share-layers")
     requires = ("structure", "calibration")
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._kept_everything = False
-
     def is_exact(self) -> bool:
-        return self.config.keep_fraction == 1.0 or self._kept_everything
+        return self.config.keep_fraction == 1.0 or super().is_exact()
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -76,14 +72,14 @@ class PruneFfn(Pass):
                     raise self.refuse(f"layers {seen[target]} and {layer.index} share the weight {target}.",
                                       fix="run prune-ffn before share-layers.")
 
-        self._kept_everything = all(n == l.ffn.intermediate for n, l in zip(wanted, layers))
+        self.kept_everything = all(n == l.ffn.intermediate for n, l in zip(wanted, layers))
         batches = ctx.calibration.batches[:cfg.calibration_batches]
         stats = None
-        if cfg.importance == "activation" or (cfg.compensate_bias and not cfg.reconstruct and not self._kept_everything):
+        if cfg.importance == "activation" or (cfg.compensate_bias and not cfg.reconstruct and not self.kept_everything):
             stats = imp.neuron_activations(gm, structure, batches)
         scores = stats.scores if cfg.importance == "activation" else imp.neuron_l1(gm, structure)
         grams = imp.input_grams(gm, [l.ffn.act for l in layers], batches) \
-            if cfg.reconstruct and not self._kept_everything else None
+            if cfg.reconstruct and not self.kept_everything else None
 
         report = []
         for layer, n in zip(layers, wanted):
@@ -113,6 +109,6 @@ class PruneFfn(Pass):
         gm.recompile()
         details = {"importance": cfg.importance, "neurons_before": sum(l.ffn.intermediate for l in layers),
                    "neurons_after": sum(wanted), "layers": report,
-                   "bias_compensated": cfg.compensate_bias and grams is None and not self._kept_everything,
+                   "bias_compensated": cfg.compensate_bias and grams is None and not self.kept_everything,
                    "reconstructed": grams is not None}
         return PassResult(gm, modified=True, details=details)

@@ -69,12 +69,8 @@ class PruneHeads(Pass):
     must_run_before = ("low-rank", "share-layers")
     requires = ("structure", "calibration", "reference")
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._kept_everything = False
-
     def is_exact(self) -> bool:
-        return self.config.keep_fraction == 1.0 or self._kept_everything
+        return self.config.keep_fraction == 1.0 or super().is_exact()
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -91,11 +87,11 @@ class PruneHeads(Pass):
         else:
             scores = imp.head_gradient(gm, structure, batches, ctx.reference, seed=ctx.seed)
         kept = choose_heads(scores, cfg)
-        self._kept_everything = all(len(k) == l.attention.num_heads for k, l in zip(kept, layers))
-        refit = cfg.reconstruct and not self._kept_everything
+        self.kept_everything = all(len(k) == l.attention.num_heads for k, l in zip(kept, layers))
+        refit = cfg.reconstruct and not self.kept_everything
         grams = imp.input_grams(gm, [l.attention.output.input for l in layers], batches) if refit else None
         means = imp.head_mean_outputs(gm, structure, batches) \
-            if cfg.compensate_bias and not refit and not self._kept_everything else None
+            if cfg.compensate_bias and not refit and not self.kept_everything else None
 
         report = []
         for layer, keep in zip(layers, kept):

@@ -57,13 +57,6 @@ class ShareLayers(Pass):
     must_run_before = ("quantize-linear",)
     must_run_after = ("prune-heads", "prune-ffn", "low-rank")
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._already_equal = False
-
-    def is_exact(self) -> bool:
-        return self._already_equal
-
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         structure = ctx.structure(gm)
         count = len(structure.layers)
@@ -87,7 +80,7 @@ class ShareLayers(Pass):
                                       " (pruned differently?).", fix="share only layers with equal shapes.")
                 equal = equal and all(torch.equal(tensors[0], t) for t in tensors[1:])
                 plans.append((targets, tensors))
-        self._already_equal = equal
+        self.kept_everything = equal
         retarget = {}
         for targets, tensors in plans:
             shared = tensors[0] if self.config.strategy == "first" else torch.stack(tensors).mean(0)
