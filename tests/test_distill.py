@@ -297,6 +297,15 @@ def test_bucketing_cuts_padding_and_still_visits_every_text_once_per_epoch(tiny3
     assert all(torch.equal(again.next()["input_ids"], first.next()["input_ids"]) for _ in range(25))
 
 
+def test_bucketed_distill_reports_less_padding_and_still_heals(tiny3, calibration):
+    plain = run_pass("distill", {**FAST, "steps": 12}, _dropped(tiny3, calibration), tiny3, calibration)
+    gm = _dropped(tiny3, calibration)
+    before = _heldout_cosine(gm, tiny3, calibration)
+    bucketed = run_pass("distill", {**FAST, "steps": 12, "bucket": True}, gm, tiny3, calibration)
+    assert bucketed.details["bucket"] and bucketed.details["padding_share"] < plain.details["padding_share"]
+    assert _heldout_cosine(bucketed.graph_module, tiny3, calibration) > before
+
+
 def test_pack_and_bucket_together_are_a_recipe_error(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nmodel: builtin:minilm-l6\npasses:\n  - distill: {steps: 10, pack: true, bucket: true}\n")
