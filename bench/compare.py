@@ -266,6 +266,44 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def plot_tradeoff(rows: list[dict], plain: dict, path: Path) -> Path:
+    """Speed against fidelity (cosine, top-10 overlap) for every model, with the flagship's goals as lines.
+
+    The flagship family (recipes named minilm-fast*) is joined in order of cosine: the trade-off curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for axis, (key, label, goal) in zip(axes, (("cosine", "held-out mean cosine", TARGETS["cosine"]),
+                                               ("overlap10", "top-10 neighbour overlap", TARGETS["overlap"]))):
+        family = sorted((r for r in rows if r["name"].startswith("recipe minilm-fast")), key=lambda r: r[key])
+        for row in rows:
+            speed = plain["b32_ms"] / row["b32_ms"]
+            flagship = row in family
+            axis.scatter(speed, row[key], s=40 if flagship else 25, color="tab:red" if flagship else
+                         "tab:blue" if row["name"].startswith("recipe ") else "tab:gray", zorder=3)
+            axis.annotate(row["name"].replace("recipe ", "").replace("peer: ", "peer ")[:34], (speed, row[key]),
+                          fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+        if len(family) > 1:
+            axis.plot([plain["b32_ms"] / r["b32_ms"] for r in family], [r[key] for r in family], color="tab:red",
+                      linewidth=1, alpha=0.6, label="flagship family (minilm-fast*)")
+        axis.axvline(TARGETS["speedup32"], color="black", linestyle=":", linewidth=1)
+        axis.axhline(goal, color="black", linestyle=":", linewidth=1, label=f"flagship goals ({TARGETS['speedup32']:g}x, {goal:g})")
+        axis.set_xlabel("speedup at batch 32 x seq 128 vs the plain fp32 export (same run)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower left")
+    figure.suptitle("all-MiniLM-L6-v2: speed against held-out fidelity (bench/compare.py)", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, inspected: list[dict], command: str) -> None:
     lines = ["# bertpress vs peers on all-MiniLM-L6-v2 (written by bench/compare.py)", "",
              f"Command: `{command}`", "",
@@ -337,7 +375,8 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
         lines += ["", "Where its bytes are (cost model, as stored): " + ", ".join(
             f"{name} {c.get('bytes', 0) / 1e6:.2f} MB ({c.get('bytes', 0) / total:.0%})"
             for name, c in compiled.items() if c.get("bytes")) + "."]
-    lines += ["", "### Trade-off: every model above, by speed and fidelity", "",
+    chart = plot_tradeoff(rows, plain, path.parent / "tradeoff.png")
+    lines += ["", f"### Trade-off: every model above, by speed and fidelity (chart: [{chart.name}]({chart.name}))", "",
               "| model | b32 speedup | smaller | cosine | top-10 overlap |", "|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: plain["b32_ms"] / r["b32_ms"]):
         lines.append(f"| {row['name']} | {plain['b32_ms'] / row['b32_ms']:.2f}x | {plain['bytes'] / row['bytes']:.1f}x |"
