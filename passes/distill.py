@@ -77,7 +77,7 @@ class DistillConfig(PassConfig):
     samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`, in equal shares when it lists several sources.")
     pack: bool = Field(False, description="Join consecutive short texts into sequences of about max_length tokens.")
     bucket: bool = Field(False, description="Batch texts of similar length together, so batches carry little padding"
-                         " (about 1.7x more steps per hour on WordNet glosses; same texts per epoch). Excludes pack.")
+                         " (1.7x more steps per hour on WordNet glosses, bench/distill_throughput.py; same texts per epoch). Excludes pack.")
     qat: bool = Field(False, description="Train with int8-simulated linears (straight-through), for a quantize-linear that comes after distill.")
     monitor_every: int = Field(50, ge=1, description="Steps between fidelity measurements on a monitor slice of the training texts.")
 
