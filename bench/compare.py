@@ -145,6 +145,13 @@ def peer_pipeline(model, tokenizer, folder: Path) -> tuple[Path, dict]:
     return quantized, {"fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}}
 
 
+def _roofline_label(machine: dict | None) -> str:
+    if not machine:
+        return "not recorded (built before reports kept their roofline)"
+    return (f"{machine['fp32_gflops']:.0f} GFLOP/s fp32, {machine['int8_gflops']:.0f} GFLOP/s int8, {machine['bandwidth_gbs']:.1f} GB/s,"
+            f" {machine['overhead_us']:.1f} us per kernel ({machine['threads']} threads, measured {machine['measured_at']})")
+
+
 def _reusable(recipe, out: Path) -> dict | None:
     """A finished build of this exact recipe text in ``out`` (its cache key may predate later code edits)."""
     path = out / "report.json"
@@ -343,11 +350,16 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
     rho = spearman([r["estimated_ms"] for r in recipe_rows], [r["b32_ms"] for r in recipe_rows])
     lines += ["", "## Cost model: estimated vs measured latency (batch 32, seq 128)", "",
               "The estimate is the compile report's roofline latency (per node: max(FLOPs / peak, bytes / bandwidth) +"
-              f" kernel overhead, int8 peak for quantized linears); machine: {context['machine']}.", "",
-              "| model | estimated ms | measured ms | measured / estimated |", "|---|---|---|---|"]
+              " kernel overhead, int8 peak for quantized linears), made with the roofline cached when that recipe was"
+              " compiled (column R):", ""]
+    labels = list(dict.fromkeys(r["roofline"] for r in [plain] + recipe_rows if r.get("estimated_ms") and r.get("roofline")))
+    lines += [f"- R{i + 1}: {label}" for i, label in enumerate(labels)]
+    lines += [f"- this machine's roofline now (`bertpress roofline`): {context['machine']}", "",
+              "| model | estimated ms | R | measured ms | measured / estimated |", "|---|---|---|---|---|"]
     for row in [plain] + recipe_rows:
         if row.get("estimated_ms"):
-            lines.append(f"| {row['name']} | {row['estimated_ms']:.0f} | {row['b32_ms']:.0f} | {row['b32_ms'] / row['estimated_ms']:.2f} |")
+            r = f"R{labels.index(row['roofline']) + 1}" if row.get("roofline") in labels else "-"
+            lines.append(f"| {row['name']} | {row['estimated_ms']:.0f} | {r} | {row['b32_ms']:.0f} | {row['b32_ms'] / row['estimated_ms']:.2f} |")
     lines += ["", f"Spearman rank correlation of estimate vs measurement over the {len(recipe_rows)} compiled recipes:"
               f" **{'n/a' if rho is None else f'{rho:.3f}'}**.", ""]
     flagship = next((r for r in rows if r["name"] == "recipe minilm-fast"), None)
@@ -431,9 +443,11 @@ def main() -> None:
         example = example_inputs(tokenizer)
         plain = export_onnx(trace(model, example, max_length=loaded.max_length), example, tmp / "plain.onnx")
         ok = {n: r for n, r in recipes.items() if r["status"] == "ok"}
-        plain_estimate = next((r["report"]["cost"]["reference"].get("latency_ms") for r in ok.values()), None)
-        variants["plain fp32 ONNX export"] = {"run": ort_run(plain, args.threads), "tokenizer": tokenizer,
-                                              "bytes": plain.stat().st_size, "estimated_ms": plain_estimate}
+        first = next(iter(ok.values()), None)  # the plain export's estimate is a build's reference cost
+        variants["plain fp32 ONNX export"] = {
+            "run": ort_run(plain, args.threads), "tokenizer": tokenizer, "bytes": plain.stat().st_size,
+            "estimated_ms": first and first["report"]["cost"]["reference"].get("latency_ms"),
+            "roofline": first and _roofline_label((first["report"].get("latency") or {}).get("machine"))}
         variants["PyTorch eager fp32"] = {"run": torch_run(model), "tokenizer": tokenizer,
                                           "bytes": (loaded.path / "model.safetensors").stat().st_size}
         dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -452,6 +466,7 @@ def main() -> None:
                 "run": ort_run(rec["path"] / "model.onnx", args.threads),
                 "tokenizer": AutoTokenizer.from_pretrained(str(rec["path"])),  # prune-vocab rewrites it
                 "bytes": onnx_bytes, "estimated_ms": rec["report"]["cost"]["compiled"].get("latency_ms"),
+                "roofline": _roofline_label((rec["report"].get("latency") or {}).get("machine")),
                 "vocab": vocab_size(rec["path"])}
 
         for name, variant in variants.items():
@@ -467,6 +482,7 @@ def main() -> None:
     rows = []
     for name, variant in variants.items():
         rows.append({"name": name, "bytes": variant["bytes"], "estimated_ms": variant.get("estimated_ms"),
+                     "roofline": variant.get("roofline"),
                      "b1_ms": 1e3 * statistics.median(timings[1][name]), "b32_ms": 1e3 * statistics.median(timings[32][name]),
                      "cosine": variant["cosine"], "overlap10": variant["overlap10"]})
     inspected = [] if args.skip_inspect else run_inspect(args.out_root, args.threads)

@@ -211,7 +211,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
 
         _carry_files(loaded, staging, structure_after.summary(), state.lowering)
         say("timing the ONNX Runtime model")
-        report["latency"] = _latency(report["cost"]["compiled"], lowered.model_path, staging, settings)
+        report["latency"] = _latency(report["cost"]["compiled"], lowered.model_path, staging, settings, manager.machine)
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         report["outputs"] = {"files": files, "total_bytes": sum(files.values())}
         timings["total"] = time.perf_counter() - started
@@ -221,7 +221,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
     return CompileResult(0, report, out_dir)
 
 
-def _latency(compiled_cost: dict, model_path: Path, folder: Path, settings) -> dict:
+def _latency(compiled_cost: dict, model_path: Path, folder: Path, settings, machine) -> dict:
     """The cost model's latency estimate next to a brief measurement (3 runs; `bertpress bench` measures properly)."""
     from .benchmark import measure_latency, vocab_size
 
@@ -229,7 +229,8 @@ def _latency(compiled_cost: dict, model_path: Path, folder: Path, settings) -> d
     measured = measure_latency(model_path, batch=point.batch, seq=point.seq, threads=settings.target.threads,
                                vocab=vocab_size(folder))
     return {"batch": point.batch, "seq": point.seq, "threads": settings.target.threads,
-            "estimated_ms": compiled_cost.get("latency_ms"), "measured_ms": measured["median_ms"], "runs": measured["runs"]}
+            "estimated_ms": compiled_cost.get("latency_ms"), "measured_ms": measured["median_ms"], "runs": measured["runs"],
+            "machine": machine.as_dict()}
 
 
 def _fail(report, failure: CheckFailed, staging: Path, out_dir: Path, timings, started) -> CompileResult:

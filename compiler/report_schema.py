@@ -116,6 +116,8 @@ class Latency(_Open):
     estimated_ms: float | None = Field(description="The cost model's roofline estimate of one forward pass.")
     measured_ms: float = Field(description="Median of a brief ONNX Runtime measurement (`bertpress bench` measures properly).")
     runs: int = Field(ge=1)
+    machine: dict[str, Any] | None = Field(None, description="The roofline the estimate used (`bertpress roofline`): peaks,"
+                                           " bandwidth, overhead, when it was measured and the load average then.")
 
 
 class Report(_Open):
