@@ -494,9 +494,7 @@ def main() -> None:
                "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
                "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds, "threads": args.threads,
                "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": heldout_label,
-               "machine": f"{machine.fp32_gflops:.0f} GFLOP/s fp32, {machine.int8_gflops:.0f} GFLOP/s int8,"
-                          f" {machine.bandwidth_gbs:.1f} GB/s, {machine.overhead_us:.1f} us per kernel ({machine.threads} threads,"
-                          f" measured {machine.measured_at})"}
+               "machine": _roofline_label(machine.as_dict())}
     write_results(args.results, context, rows, recipes, inspected, command)
     (args.results.with_suffix(".json")).write_text(json.dumps(
         {"context": context, "rows": rows, "peer": peer_info,
