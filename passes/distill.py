@@ -52,6 +52,14 @@ class LossWeights(BaseModel):
                               " 2019). It trains what nearest-neighbour search reads: which texts are close to which.")
 
 
+    @model_validator(mode="after")
+    def _something_to_learn(self):
+        if not any((self.output, self.hidden, self.attention, self.similarity)):
+            raise ValueError("every loss weight is 0, so distillation has nothing to train on; give at least one of"
+                             " output, hidden, attention, similarity a weight above 0")
+        return self
+
+
 class DistillConfig(PassConfig):
     steps: int = Field(300, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, le=1024, description="Texts per step.")

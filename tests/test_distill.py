@@ -314,6 +314,15 @@ def test_pack_and_bucket_together_are_a_recipe_error(tmp_path):
     assert "passes[0]" in str(error.value) and "pack and bucket exclude each other" in str(error.value)
 
 
+def test_all_zero_loss_weights_are_a_recipe_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: builtin:minilm-l6\npasses:\n"
+                      "  - distill: {steps: 10, losses: {output: 0, hidden: 0, attention: 0}}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    assert "passes[0]" in str(error.value) and "every loss weight is 0" in str(error.value)
+
+
 def test_a_list_of_text_sources_mixes_them_in_equal_shares(tiny3, calibration, tmp_path):
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("\n".join(f"first corpus sentence {i} about encoders" for i in range(200)) + "\n")
