@@ -51,12 +51,11 @@ class LossWeights(BaseModel):
                               " student's matrices of pairwise cosines of the pooled embeddings (relational KD, Park et al."
                               " 2019). It trains what nearest-neighbour search reads: which texts are close to which.")
 
-
     @model_validator(mode="after")
     def _something_to_learn(self):
-        if not any((self.output, self.hidden, self.attention, self.similarity)):
+        if not any(self.model_dump().values()):
             raise ValueError("every loss weight is 0, so distillation has nothing to train on; give at least one of"
-                             " output, hidden, attention, similarity a weight above 0")
+                             f" {', '.join(type(self).model_fields)} a weight above 0")
         return self
 
 
