@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -101,17 +102,17 @@ def test_pass_manager_rolls_back_a_lossy_pass_that_does_not_pay(tiny, monkeypatc
     assert records[1].cost_after["latency_ms"] < records[1].cost_before["latency_ms"]
 
 
-def test_peaks_are_the_best_run_so_noise_on_a_shared_machine_does_not_lower_them():
-    class Session:  # runs take 5, 1, 9, 3 time units after the warm-up
-        def __init__(self):
-            self.durations = iter([0.0, 0.05, 0.01, 0.09, 0.03])
+def test_peaks_are_the_best_run_so_noise_on_a_shared_machine_does_not_lower_them(monkeypatch):
+    clock = [0.0]  # a fake clock: each run advances it by its duration, so nothing here is timed for real
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: clock[0])
+
+    class Session:  # a warm-up, then runs of 5, 1, 9 and 3 ms
+        durations = iter([0.007, 0.005, 0.001, 0.009, 0.003])
 
         def run(self, outputs, feeds):
-            import time as _time
+            clock[0] += next(self.durations)
 
-            _time.sleep(next(self.durations))
-
-    assert roofline._best_seconds(Session(), {}, runs=4) == pytest.approx(0.01, abs=0.008)
+    assert roofline._best_seconds(Session(), {}, runs=4) == pytest.approx(0.001)
 
 
 def test_roofline_command_shows_the_cached_figures_and_warns_when_measured_busy(cache_home, measured, monkeypatch, capsys):
@@ -133,4 +134,7 @@ def test_roofline_command_shows_the_cached_figures_and_warns_when_measured_busy(
 
 
 def test_measured_roofline_records_the_load_average(measured):
-    assert measured.load_average is None or measured.load_average >= 0
+    if hasattr(os, "getloadavg"):
+        assert measured.load_average is not None and measured.load_average >= 0
+    else:
+        assert measured.load_average is None
