@@ -273,11 +273,23 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def architecture(report: dict) -> str | None:
+    """A compiled model's encoder shape from its report, e.g. "4 layers, 8 heads, FFN 1024" (None if unknown)."""
+    layers = ((report.get("model") or {}).get("structure_after") or {}).get("layers")
+    if not layers:
+        return None
+    heads = sorted({layer["heads"] for layer in layers})
+    ffn = sorted({layer["intermediate"] for layer in layers})
+    show = lambda values: "/".join(str(v) for v in values)  # noqa: E731
+    return f"{len(layers)} layers, {show(heads)} heads, FFN {show(ffn)}"
+
+
 def plot_tradeoff(rows: list[dict], plain: dict, path: Path) -> Path:
     """Speed against fidelity (cosine, top-10 overlap) for every model, with the flagship's goals as lines.
 
-    The flagship family (recipes named minilm-fast*) is drawn in red; those of the flagship's architecture
-    (all but the -heads* variants) are joined in order of cosine: what distillation length buys.
+    The flagship family (recipes named minilm-fast*) is drawn in red; members that share an encoder shape
+    (same layers, heads and FFN width; they differ in distillation) are joined in order of cosine: what a
+    longer distillation buys at that speed.
     """
     import matplotlib
 
@@ -295,10 +307,12 @@ def plot_tradeoff(rows: list[dict], plain: dict, path: Path) -> Path:
                          "tab:blue" if row["name"].startswith("recipe ") else "tab:gray", zorder=3)
             axis.annotate(row["name"].replace("recipe ", "").replace("peer: ", "peer ")[:34], (speed, row[key]),
                           fontsize=6.5, xytext=(4, 3), textcoords="offset points")
-        curve = [r for r in family if "heads" not in r["name"]]
-        if len(curve) > 1:
-            axis.plot([plain["b32_ms"] / r["b32_ms"] for r in curve], [r[key] for r in curve], color="tab:red",
-                      linewidth=1, alpha=0.6, label="flagship architecture, distilled longer (minilm-fast*)")
+        shapes = sorted({r["architecture"] for r in family if r.get("architecture")})
+        for shape, style in zip(shapes, ("-", "--", "-.", ":")):
+            curve = [r for r in family if r.get("architecture") == shape]
+            if len(curve) > 1:
+                axis.plot([plain["b32_ms"] / r["b32_ms"] for r in curve], [r[key] for r in curve], color="tab:red",
+                          linestyle=style, linewidth=1, alpha=0.6, label=f"{shape}, distilled longer")
         axis.axvline(TARGETS["speedup32"], color="black", linestyle=":", linewidth=1)
         axis.axhline(goal, color="black", linestyle=":", linewidth=1, label=f"flagship goals ({TARGETS['speedup32']:g}x, {goal:g})")
         axis.set_xlabel("speedup at batch 32 x seq 128 vs the plain fp32 export (same run)")
@@ -342,7 +356,9 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
         how = ("reused an earlier build (--reuse)" if rec.get("reused") else "up to date" if rec.get("up_to_date")
                else f"compiled in this run ({rec['seconds']:.0f} s)")
         total = rec.get("compile_seconds")
-        lines.append(f"- `recipes/{name}.yaml`: {rec['status']}; {how}" + (f"; its compile took {total:.0f} s" if total else ""))
+        shape = architecture(rec["report"]) if rec.get("report") else None
+        lines.append(f"- `recipes/{name}.yaml`: {rec['status']}; {how}" + (f"; its compile took {total:.0f} s" if total else "")
+                     + (f"; encoder: {shape}" if shape else ""))
     for name, rec in failed.items():
         lines.append(f"- `recipes/{name}.yaml` did not compile: {rec['reason']}")
     left_out = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem not in recipes)
@@ -469,7 +485,7 @@ def main() -> None:
                 "tokenizer": AutoTokenizer.from_pretrained(str(rec["path"])),  # prune-vocab rewrites it
                 "bytes": onnx_bytes, "estimated_ms": rec["report"]["cost"]["compiled"].get("latency_ms"),
                 "roofline": _roofline_label((rec["report"].get("latency") or {}).get("machine")),
-                "vocab": vocab_size(rec["path"])}
+                "architecture": architecture(rec["report"]), "vocab": vocab_size(rec["path"])}
 
         for name, variant in variants.items():
             print(f"[compare] fidelity of {name}", flush=True)
@@ -484,7 +500,7 @@ def main() -> None:
     rows = []
     for name, variant in variants.items():
         rows.append({"name": name, "bytes": variant["bytes"], "estimated_ms": variant.get("estimated_ms"),
-                     "roofline": variant.get("roofline"),
+                     "roofline": variant.get("roofline"), "architecture": variant.get("architecture"),
                      "b1_ms": 1e3 * statistics.median(timings[1][name]), "b32_ms": 1e3 * statistics.median(timings[32][name]),
                      "cosine": variant["cosine"], "overlap10": variant["overlap10"]})
     inspected = [] if args.skip_inspect else run_inspect(args.out_root, args.threads)

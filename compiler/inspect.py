@@ -31,6 +31,7 @@ FUSED_ATTENTION = "attention (fused q/k/v + core)"
 _ATTENTION_OPS = {"Attention", "QAttention", "MultiHeadAttention", "PackedAttention"}
 _NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
              "EmbedLayerNormalization", "QEmbedLayerNormalization"}
+_RESIDUAL_OPS = {"Sum"}
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
@@ -159,6 +160,8 @@ def components_by_position(nodes: list[tuple[str, str]]) -> dict[str, str]:
         elif op in _NORM_OPS:
             out[name] = "other"
             state = "ffn" if state == "after" else "before"
+        elif op in _RESIDUAL_OPS:
+            out[name] = "other"  # the residual sum before a norm (lowering writes it as Sum)
         else:
             out[name] = "linear-after-attention" if state == "after" else "feed-forward"
     out.update({n: "other" for n in pending})  # after the last layer: the pooler

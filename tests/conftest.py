@@ -62,3 +62,20 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def compile_tiny_int8(folder: Path, model_dir: Path) -> Path:
+    """Compile the tiny model with quantize-linear through the CLI into folder/out (cost at batch 2, seq 16)."""
+    from compiler.cli import main
+
+    recipe = write_recipe(folder, f"""
+model: {model_dir}
+calibration: {{texts: builtin, samples: 16, validation_samples: 8, max_length: 32, batch_size: 8}}
+budget: {{min: 0.5}}
+cost: {{batch: 2, seq: 16}}
+passes:
+  - quantize-linear: {{}}
+""")
+    out = folder / "out"
+    assert main(["compile", str(recipe), "--out", str(out)]) == 0
+    return out

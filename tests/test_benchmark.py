@@ -8,23 +8,12 @@ import pytest
 
 from compiler.benchmark import bench, synthetic_batch
 from compiler.cli import main
-from tests.conftest import write_recipe
+from tests.conftest import compile_tiny_int8
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, tiny_dir):
-    folder = tmp_path_factory.mktemp("bench")
-    recipe = write_recipe(folder, f"""
-model: {tiny_dir}
-calibration: {{texts: builtin, samples: 16, validation_samples: 8, max_length: 32, batch_size: 8}}
-budget: {{min: 0.5}}
-cost: {{batch: 2, seq: 16}}
-passes:
-  - quantize-linear: {{}}
-""")
-    out = folder / "out"
-    assert main(["compile", str(recipe), "--out", str(out)]) == 0
-    return out
+    return compile_tiny_int8(tmp_path_factory.mktemp("bench"), tiny_dir)
 
 
 def test_compile_report_shows_estimated_and_measured_latency(compiled):

@@ -8,7 +8,7 @@ import pytest
 
 from compiler.cli import main
 from compiler.inspect import FUSED_ATTENTION, components_by_position, inspect
-from tests.conftest import MINILM, write_recipe
+from tests.conftest import MINILM, compile_tiny_int8
 
 LINEARS = ("linear-before-attention", "linear-after-attention", "feed-forward")
 
@@ -47,17 +47,19 @@ def test_components_by_position_segments_a_fused_bert_layer():
         "down": "feed-forward", "skip2": "other", "pool": "other", "tanh": "other"}
 
 
+def test_components_by_position_counts_the_residual_sum_as_other():
+    # What the lowering writes instead of SkipLayerNormalization: Sum + LayerNormalization.
+    nodes = [("eln", "EmbedLayerNormalization"), ("attn", "QAttention"), ("out", "DynamicQuantizeMatMul"),
+             ("sum1", "Sum"), ("ln1", "LayerNormalization"), ("up", "DynamicQuantizeMatMul"), ("gelu", "BiasGelu"),
+             ("down", "DynamicQuantizeMatMul"), ("sum2", "Sum"), ("ln2", "LayerNormalization"), ("pool", "Gemm")]
+    assert components_by_position(nodes) == {
+        "eln": "embeddings", "attn": FUSED_ATTENTION, "out": "linear-after-attention", "sum1": "other", "ln1": "other",
+        "up": "feed-forward", "gelu": "feed-forward", "down": "feed-forward", "sum2": "other", "ln2": "other",
+        "pool": "other"}
+
+
 def test_inspect_cli_on_a_compiled_folder_writes_table_png_and_json(tmp_path, tiny_dir, capsys):
-    recipe = write_recipe(tmp_path, f"""
-model: {tiny_dir}
-calibration: {{texts: builtin, samples: 16, validation_samples: 8, max_length: 32, batch_size: 8}}
-budget: {{min: 0.5}}
-cost: {{batch: 2, seq: 16}}
-passes:
-  - quantize-linear: {{}}
-""")
-    out = tmp_path / "out"
-    assert main(["compile", str(recipe), "--out", str(out)]) == 0
+    out = compile_tiny_int8(tmp_path, tiny_dir)
     png, figures = tmp_path / "inspect.png", tmp_path / "inspect.json"
     assert main(["inspect", str(out), "--batch", "2", "--seq", "16", "--threads", "1", "--runs", "2",
                  "--png", str(png), "--json", str(figures)]) == 0

@@ -11,24 +11,17 @@ from compiler.frontend import example_inputs, trace
 from compiler.graph_edit import get_tensor, set_parameter
 from compiler.importance import Probe
 from compiler.lowering import lower_to_onnx
-from compiler.pass_manager import PassManager
-from compiler.recipe import load_recipe_text
 from compiler.structure import analyze
 from compiler.validation import hidden_states
-from tests.helpers import calibration_for, run_pass
+from tests.helpers import calibration_for, manager_for, run_pass
 
 
 def _batch(tokenizer):
     return dict(tokenizer(["pruning neurons keeps the rest", "short text"], padding=True, return_tensors="pt"))
 
 
-def _manager(loaded, passes: str, budget: float = 0.5):
-    recipe = load_recipe_text(f"budget: {{min: {budget}}}\npasses:\n{passes}\n", file="t.yaml")
-    return PassManager(recipe, calibration_for(loaded), loaded.model, loaded.tokenizer, loaded.config)
-
-
 def test_prune_ffn_keeping_all_neurons_is_exact(tiny, tiny_gm):
-    state, (record,) = _manager(tiny, "  - prune-ffn: {keep_fraction: 1.0}").run(tiny_gm)
+    state, (record,) = manager_for(tiny, "  - prune-ffn: {keep_fraction: 1.0}").run(tiny_gm)
     assert record.kind == "exact" and record.status == "applied"
     assert record.checks["max_abs_error"] <= 1e-4
 
@@ -91,7 +84,7 @@ def test_keeping_more_neurons_than_exist_is_refused(tiny, tiny_gm):
 
 def test_pruning_that_breaks_the_budget_is_rolled_back(tiny, tiny_gm):
     passes = "  - prune-ffn: {keep: 1, importance: l1, on_fail: skip}"
-    state, (record,) = _manager(tiny, passes, budget=1.0).run(tiny_gm)
+    state, (record,) = manager_for(tiny, passes, budget=1.0).run(tiny_gm)
     assert record.status == "skipped" and "fidelity budget broken" in record.reason
     assert [layer.ffn.intermediate for layer in analyze(state.gm).layers] == [64, 64]
 

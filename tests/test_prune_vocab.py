@@ -15,24 +15,18 @@ from compiler import pass_infra
 from compiler.errors import PassRefused
 from compiler.graph_edit import get_tensor
 from compiler.pass_infra import Pass, PassResult, register_pass
-from compiler.pass_manager import PassManager
-from compiler.recipe import load_recipe, load_recipe_text
+from compiler.recipe import load_recipe
 from compiler.structure import analyze
 from compiler.validation import hidden_states
 from tests.conftest import write_recipe
-from tests.helpers import calibration_for, run_pass
+from tests.helpers import calibration_for, manager_for, run_pass
 
 TEXT = "The function returns a list of values."
 UNSEEN = "漢"  # in BERT's vocabulary, not in Python's docs
 
 
-def _manager(loaded, passes: str, budget: float = 0.5, source: str = "builtin"):
-    recipe = load_recipe_text(f"budget: {{min: {budget}}}\npasses:\n{passes}\n", file="t.yaml")
-    return PassManager(recipe, calibration_for(loaded, source=source), loaded.model, loaded.tokenizer, loaded.config)
-
-
 def test_prune_vocab_is_exact_on_kept_tokens_and_reports_the_oov_rate(tiny, tiny_gm):
-    state, (record,) = _manager(tiny, "  - prune-vocab: {texts: builtin}").run(tiny_gm)
+    state, (record,) = manager_for(tiny, "  - prune-vocab: {texts: builtin}").run(tiny_gm)
     assert record.kind == "exact" and record.status == "applied"
     assert record.checks["max_abs_error"] <= 1e-4
     assert 0 < record.checks["heldout_tokens_out_of_interface"] < record.checks["heldout_tokens"]
@@ -89,7 +83,7 @@ def test_keep_top_adds_the_most_frequent_tokens_of_the_frequency_corpus(tiny, ti
 
 def test_prune_vocab_slices_an_albert_factorized_table(tiny, tiny_gm):
     passes = "  - low-rank: {rank: 8, target: embeddings}\n  - prune-vocab: {texts: builtin}"
-    state, (factorized, pruned) = _manager(tiny, passes).run(tiny_gm)
+    state, (factorized, pruned) = manager_for(tiny, passes).run(tiny_gm)
     assert factorized.status == pruned.status == "applied"
     assert pruned.checks["max_abs_error"] <= 1e-4
     table = get_tensor(state.gm, analyze(state.gm).embeddings.word_weight)
@@ -143,14 +137,14 @@ def calibration_reader():
 
 def test_passes_after_prune_vocab_get_batches_and_a_tokenizer_in_the_new_ids(tiny, tiny_gm, calibration_reader):
     passes = "  - prune-vocab: {}\n  - test-reads-calibration: {}"
-    _, (pruned, reader) = _manager(tiny, passes).run(tiny_gm)
+    _, (pruned, reader) = manager_for(tiny, passes).run(tiny_gm)
     assert reader.status == "unchanged"
     assert calibration_reader["vocab"] == pruned.details["tokens_kept"] > calibration_reader["max_id"]
 
 
 @pytest.mark.minilm
 def test_minilm_keeps_a_few_thousand_tokens_of_python_docs_exactly(minilm, minilm_gm):
-    state, (record,) = _manager(minilm, "  - prune-vocab: {texts: builtin}").run(minilm_gm)
+    state, (record,) = manager_for(minilm, "  - prune-vocab: {texts: builtin}").run(minilm_gm)
     assert record.status == "applied" and record.checks["max_abs_error"] <= 1e-4
     assert 1000 < record.details["tokens_kept"] < 5000
     assert record.checks["heldout_oov_rate"] < 0.05

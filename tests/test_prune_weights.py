@@ -13,19 +13,12 @@ from compiler.frontend import example_inputs
 from compiler.graph_edit import get_tensor
 from compiler.lowering import lower_to_onnx
 from compiler.lowering.sparse import store_sparse
-from compiler.pass_manager import PassManager
-from compiler.recipe import load_recipe_text
 from compiler.structure import analyze
-from tests.helpers import calibration_for, run_pass
-
-
-def _manager(loaded, passes: str, budget: float = 0.5):
-    recipe = load_recipe_text(f"budget: {{min: {budget}}}\npasses:\n{passes}\n", file="t.yaml")
-    return PassManager(recipe, calibration_for(loaded), loaded.model, loaded.tokenizer, loaded.config)
+from tests.helpers import calibration_for, manager_for, run_pass
 
 
 def test_zero_sparsity_is_exact(tiny, tiny_gm):
-    state, (record,) = _manager(tiny, "  - prune-weights: {sparsity: 0.0}").run(tiny_gm)
+    state, (record,) = manager_for(tiny, "  - prune-weights: {sparsity: 0.0}").run(tiny_gm)
     assert record.kind == "exact" and record.status == "applied" and record.checks["max_abs_error"] <= 1e-4
 
 
@@ -68,7 +61,7 @@ def test_sparse_initializers_shrink_the_file_and_ort_loads_them(tiny, tiny_gm, t
 
 
 def test_sparsity_that_breaks_the_budget_is_rolled_back(tiny, tiny_gm):
-    state, (record,) = _manager(tiny, "  - prune-weights: {sparsity: 0.9, on_fail: skip}", budget=1.0).run(tiny_gm)
+    state, (record,) = manager_for(tiny, "  - prune-weights: {sparsity: 0.9, on_fail: skip}", budget=1.0).run(tiny_gm)
     assert record.status == "skipped" and "fidelity budget broken" in record.reason
 
 

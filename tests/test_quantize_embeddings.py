@@ -14,19 +14,12 @@ from compiler.frontend import example_inputs
 from compiler.graph_edit import get_tensor
 from compiler.lowering import lower_to_onnx
 from compiler.lowering.embeddings import int8_rows, store_embeddings
-from compiler.pass_manager import PassManager
-from compiler.recipe import load_recipe_text
 from compiler.runtime import ort_runner, session
 from compiler.simulation import strip_simulation
 from compiler.structure import analyze
 from compiler.validation import hidden_states
 from passes.quantize_embeddings import fake_int8_rows
-from tests.helpers import calibration_for, run_pass
-
-
-def _manager(loaded, passes: str, budget: float = 0.9):
-    recipe = load_recipe_text(f"budget: {{min: {budget}}}\npasses:\n{passes}\n", file="t.yaml")
-    return PassManager(recipe, calibration_for(loaded), loaded.model, loaded.tokenizer, loaded.config)
+from tests.helpers import manager_for, run_pass
 
 
 def test_simulated_int8_rows_equal_the_stored_int8_table():
@@ -38,7 +31,7 @@ def test_simulated_int8_rows_equal_the_stored_int8_table():
 
 @pytest.mark.parametrize("dtype, bytes_per_weight", [("fp16", 2), ("int8", 1)])
 def test_quantize_embeddings_keeps_the_budget_and_shrinks_table_bytes(tiny, tiny_gm, dtype, bytes_per_weight):
-    state, (record,) = _manager(tiny, f"  - quantize-embeddings: {{dtype: {dtype}}}").run(tiny_gm)
+    state, (record,) = manager_for(tiny, f"  - quantize-embeddings: {{dtype: {dtype}}}", budget=0.9).run(tiny_gm)
     before = record.cost_before["by_component"]["embeddings"]["bytes"]
     assert record.kind == "lossy" and record.status == "applied"
     assert record.checks["cosine"] > 0.99
@@ -70,7 +63,7 @@ def test_lowered_int8_tables_match_the_simulation_and_keep_the_embedding_fusion(
 
 def test_fp16_tables_after_albert_factorization(tiny, tiny_gm):
     passes = "  - low-rank: {rank: 16, target: embeddings}\n  - quantize-embeddings: {dtype: fp16, tables: [word]}"
-    state, (factorized, quantized) = _manager(tiny, passes, budget=0.5).run(tiny_gm)
+    state, (factorized, quantized) = manager_for(tiny, passes, budget=0.5).run(tiny_gm)
     assert quantized.status == "applied"
     assert quantized.details["tables"] == {"word": [30522, 16]}
     assert state.lowering["fp16_weights"] == [analyze(state.gm).embeddings.word_weight]
@@ -84,5 +77,5 @@ def test_quantizing_the_tables_twice_is_refused(tiny, tiny_gm):
 
 @pytest.mark.minilm
 def test_minilm_int8_word_table_keeps_held_out_cosine(minilm, minilm_gm):
-    state, (record,) = _manager(minilm, "  - quantize-embeddings: {dtype: int8}", budget=0.99).run(minilm_gm)
+    state, (record,) = manager_for(minilm, "  - quantize-embeddings: {dtype: int8}", budget=0.99).run(minilm_gm)
     assert record.status == "applied" and record.checks["cosine"] > 0.999

@@ -13,16 +13,9 @@ from compiler.errors import PassRefused
 from compiler.frontend import example_inputs, trace
 from compiler.graph_edit import remove_dead_code
 from compiler.lowering import lower_to_onnx
-from compiler.pass_manager import PassManager
-from compiler.recipe import load_recipe_text
 from compiler.structure import analyze
 from passes.share_layers import layer_weights
-from tests.helpers import calibration_for, run_pass
-
-
-def _manager(loaded, passes: str, budget: float = 0.5):
-    recipe = load_recipe_text(f"budget: {{min: {budget}}}\npasses:\n{passes}\n", file="t.yaml")
-    return PassManager(recipe, calibration_for(loaded), loaded.model, loaded.tokenizer, loaded.config)
+from tests.helpers import calibration_for, manager_for, run_pass
 
 
 def test_sharing_layers_with_equal_weights_is_exact(tiny):
@@ -31,7 +24,7 @@ def test_sharing_layers_with_equal_weights_is_exact(tiny):
     gm = trace(model, example_inputs(tiny.tokenizer), tiny.max_length)
     loaded = copy.copy(tiny)
     loaded.model = model
-    state, (record,) = _manager(loaded, "  - share-layers: {groups: [[0, 1]], strategy: mean}").run(gm)
+    state, (record,) = manager_for(loaded, "  - share-layers: {groups: [[0, 1]], strategy: mean}").run(gm)
     assert record.kind == "exact" and record.status == "applied"
     assert record.checks["max_abs_error"] <= 1e-4
 

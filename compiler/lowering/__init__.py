@@ -1,4 +1,4 @@
-"""ONNX lowering: dynamo export -> ORT transformer fusions -> QAttention-ready attention -> int8.
+"""ONNX lowering: dynamo export -> ORT transformer fusions -> QAttention-ready attention, fast residual norms -> int8.
 
 Public API: `export_onnx`, `lower_to_onnx`, `QuantizeSpec`, `LoweringResult`.
 """
@@ -21,6 +21,7 @@ from .io import save_model
 from .nbits import store_int4
 from .packed_attention import pack_attention
 from .quantize import QuantizeSpec, plan_exclusions, quantize_file, quantized_counts
+from .residual import unfuse_skip_layer_norm
 
 __all__ = ["QuantizeSpec", "LoweringResult", "export_onnx", "lower_to_onnx"]
 
@@ -68,6 +69,8 @@ def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[s
         _, embed_note = fuse_embed_layer_norm(model)
         if embed_note:
             notes.append(embed_note)
+        _, residual_notes = unfuse_skip_layer_norm(model)
+        notes.extend(residual_notes)
     common_passes.RemoveUnusedNodesPass()(model)
     # Unique node names: quantize_dynamic's nodes_to_exclude addresses nodes by name.
     common_passes.NameFixPass()(model)
