@@ -138,3 +138,15 @@ def test_measured_roofline_records_the_load_average(measured):
         assert measured.load_average is not None and measured.load_average >= 0
     else:
         assert measured.load_average is None
+
+
+ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN4 = ZEN3.replace("model\t\t: 1", "model\t\t: 17").replace("avx2 fma", "avx2 fma avx512f avx512_vnni")
+
+
+def test_cpus_sharing_a_model_name_get_their_own_roofline():
+    # Two "AMD EPYC"s: int8 GEMMs run ~3.5x fp32 with VNNI and under 2x without, so a cached roofline of one
+    # must never be read back on the other.
+    assert roofline._cpu_name(ZEN3) == "AMD EPYC (family 25 model 1, avx2)"
+    assert roofline._cpu_name(ZEN4) == "AMD EPYC (family 25 model 17, avx512_vnni)"
+    assert roofline._cpu_name("") and roofline._cpu_name("model name : Some CPU\n") == "Some CPU"
