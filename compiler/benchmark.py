@@ -60,9 +60,17 @@ def _feeds(sess, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {i.name: batch[i.name] for i in sess.get_inputs() if i.name in batch}
 
 
+# Pause before each timed run when several models are interleaved. ONNX Runtime's intra-op workers keep
+# spinning for a while after a run; on a 2-core machine the previous model's spinning workers steal the cores
+# from the next one (measured: the plain MiniLM export at batch 1 took 105 ms interleaved back to back with
+# four other sessions, 34 ms with this pause). Spinning stays on: it is what a deployed session does.
+SETTLE_SECONDS = 0.2
+
+
 def interleaved(models: dict[str, Path], batch: dict[str, np.ndarray], *, threads: int, rounds: int,
                 warmup: int = 2) -> list[Timing]:
-    """Time every model ``rounds`` times, one run of each per round, rotating who goes first."""
+    """Time every model ``rounds`` times, one run of each per round, rotating who goes first (with a pause of
+    SETTLE_SECONDS before each run, so one session's idle workers do not slow the next)."""
     sessions = {name: session(path, threads) for name, path in models.items()}
     names = list(sessions)
     size = int(next(iter(batch.values())).shape[0])
@@ -74,6 +82,8 @@ def interleaved(models: dict[str, Path], batch: dict[str, np.ndarray], *, thread
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             feeds = _feeds(sessions[name], batch)
+            if len(names) > 1:
+                time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             sessions[name].run(None, feeds)
             timings[name].seconds.append(time.perf_counter() - start)

@@ -33,6 +33,16 @@ def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, heads: in
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests never read or write the user's cache (~/.cache/bertpress): a roofline measured while the suite
+    loads the machine would otherwise be read back by later real compiles, and theirs would leak into tests."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

@@ -59,3 +59,17 @@ def test_synthetic_batch_stays_inside_a_small_vocabulary():
     batch = synthetic_batch(4, 16, vocab=300)
     assert batch["input_ids"].max() < 300 and batch["input_ids"].min() >= 0
     assert batch["attention_mask"].all()
+
+
+def test_interleaved_runs_pause_so_one_sessions_spinning_workers_do_not_slow_the_next(compiled, monkeypatch):
+    import compiler.benchmark as benchmark
+
+    pauses = []
+    monkeypatch.setattr(benchmark.time, "sleep", pauses.append)
+    models = {"a": compiled / "model.onnx", "b": compiled / "model.onnx"}
+    timings = benchmark.interleaved(models, synthetic_batch(1, 8, 1000), threads=1, rounds=3, warmup=0)
+    assert [len(t.seconds) for t in timings] == [3, 3]
+    assert pauses == [benchmark.SETTLE_SECONDS] * 6  # before every timed run
+    pauses.clear()
+    benchmark.interleaved({"a": compiled / "model.onnx"}, synthetic_batch(1, 8, 1000), threads=1, rounds=3, warmup=0)
+    assert pauses == []  # one model alone: nothing to wait for

@@ -128,3 +128,17 @@ def test_lowered_bert_has_no_skip_layer_norm_after_ort_optimizes_it(tiny, tiny_g
     if quantize:
         # Each output projection's bias Add is folded into ORT's quantized MatMul at load.
         assert "Add" not in ops and "DynamicQuantizeMatMul" in ops
+
+
+def test_skip_layer_norm_can_be_kept_and_both_forms_agree(tiny, tiny_gm, tmp_path):
+    from compiler.frontend import example_inputs
+    from compiler.lowering import lower_to_onnx
+    from compiler.lowering.verify import ort_outputs, padded_batch
+
+    example = example_inputs(tiny.tokenizer)
+    fused = lower_to_onnx(tiny_gm, example, tmp_path / "fused", quantize=None, skip_layer_norm=True)
+    summed = lower_to_onnx(tiny_gm, example, tmp_path / "summed", quantize=None)
+    assert fused.fusions.get("SkipLayerNormalization") == 2 * tiny.config.num_hidden_layers
+    assert "Sum" not in fused.op_counts and "SkipLayerNormalization" not in summed.fusions
+    batch = padded_batch(example)
+    np.testing.assert_allclose(ort_outputs(summed.model_path, batch), ort_outputs(fused.model_path, batch), atol=1e-5)

@@ -45,7 +45,7 @@ def _softmax_count(model: ir.Model) -> int:
 
 
 def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[str],
-                attention_fusion: bool = True) -> ir.Model:
+                attention_fusion: bool = True, skip_layer_norm: bool = False) -> ir.Model:
     model = export_ir(module, example_inputs)
     if not fuse:
         return model
@@ -69,8 +69,9 @@ def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[s
         _, embed_note = fuse_embed_layer_norm(model)
         if embed_note:
             notes.append(embed_note)
-        _, residual_notes = unfuse_skip_layer_norm(model)
-        notes.extend(residual_notes)
+        if not skip_layer_norm:
+            _, residual_notes = unfuse_skip_layer_norm(model)
+            notes.extend(residual_notes)
     common_passes.RemoveUnusedNodesPass()(model)
     # Unique node names: quantize_dynamic's nodes_to_exclude addresses nodes by name.
     common_passes.NameFixPass()(model)
@@ -79,12 +80,14 @@ def _build_fp32(module, example_inputs, *, fuse: bool, pack: bool, notes: list[s
 
 def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], out_dir: Path, *,
                   quantize: QuantizeSpec | None, fuse: bool = True, fp16: bool = False,
-                  int4: dict[str, tuple] | None = None, attention_fusion: bool = True) -> LoweringResult:
+                  int4: dict[str, tuple] | None = None, attention_fusion: bool = True,
+                  skip_layer_norm: bool = False) -> LoweringResult:
     """Export `module` and lower it for ONNX Runtime CPU; writes `out_dir/model.onnx`.
 
     ``int4`` maps weight targets to (W [out, in] as in `module`, quantize-linear's hint): those
     MatMuls become MatMulNBits before any int8 quantization. ``attention_fusion=False`` keeps
-    attention as MultiHeadAttention so int4 q/k/v MatMuls stay reachable.
+    attention as MultiHeadAttention so int4 q/k/v MatMuls stay reachable. ``skip_layer_norm=True`` keeps
+    onnxscript's fused SkipLayerNormalization (slower on CPU; see residual.py) instead of Sum + LayerNormalization.
     """
     if fp16 and quantize is not None:
         raise ValueError("lower_to_onnx: fp16 and int8 quantization are mutually exclusive")
@@ -101,7 +104,7 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
         for pack in (True, False) if fuse else (False,):
             notes: list[str] = []
             model = _build_fp32(module, example_inputs, fuse=fuse, pack=pack, notes=notes,
-                                attention_fusion=attention_fusion)
+                                attention_fusion=attention_fusion, skip_layer_norm=skip_layer_norm)
             excluded, q_notes = plan_exclusions(model, quantize) if quantize else ([], [])
             save_model(model, fp32_path)
             error = verify.max_abs_error(verify.ort_outputs(fp32_path, check_inputs), reference, mask)

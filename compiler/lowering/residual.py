@@ -1,9 +1,10 @@
 """Residual + LayerNorm as `Sum` + `LayerNormalization`, not ORT's fused `SkipLayerNormalization`.
 
 Measured (`python bench/norm_kernels.py`): on this x86 CPU, ONNX Runtime's CPU kernel for the contrib op
-`SkipLayerNormalization` takes about 3x the time of an ONNX `Sum` followed by the standard
-`LayerNormalization` on BERT's [32, 128, 384] activations (4.8 ms against 1.8 ms at 2 threads); a BERT
-layer has two of them, so on an int8 MiniLM they are a tenth of the whole forward pass.
+`SkipLayerNormalization` takes 2-3x the time of an ONNX `Sum` followed by the standard `LayerNormalization`
+on BERT's [32, 128, 384] activations (5.1 ms against 2.5 ms at 2 threads, 10.1 against 3.6 ms at 1 thread,
+in one run). A BERT layer has two of them; `python bench/lowering_speed.py` times the whole int8 MiniLM both
+ways (1.88x against 1.83x the plain fp32 export, in one run).
 
 onnxscript's ort_fusions emit `SkipLayerNormalization(input, skip, gamma, beta, bias)`, and ONNX Runtime's
 own graph optimizer (level extended, on by default) fuses any `Add` -> `LayerNormalization` back into it
@@ -78,7 +79,7 @@ def unfuse_skip_layer_norm(model: ir.Model) -> tuple[int, list[str]]:
     notes = []
     if done:
         notes.append(f"fusions: {done} SkipLayerNormalization node(s) written as Sum + LayerNormalization "
-                     "(ORT's CPU SkipLayerNormalization kernel is ~3x slower; bench/norm_kernels.py)")
+                     "(ORT's CPU SkipLayerNormalization kernel is 2-3x slower; bench/norm_kernels.py)")
     if kept:
         notes.append(f"fusions: {len(kept)} SkipLayerNormalization node(s) kept fused (their mean/inv-std outputs are used)")
     return done, notes
