@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from compiler.benchmark import synthetic_batch, vocab_size  # noqa: E402
+from compiler.benchmark import SETTLE_SECONDS, synthetic_batch, vocab_size  # noqa: E402
 from compiler.calibration import prepare_calibration  # noqa: E402
 from compiler.frontend import example_inputs, load_model, resolve_model_path, trace  # noqa: E402
 from compiler.lowering import export_onnx  # noqa: E402
@@ -204,6 +204,7 @@ def interleaved(runs: dict, feeds: dict[str, np.ndarray], rounds: int, warmup: i
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
+            time.sleep(SETTLE_SECONDS)  # let the previous model's spinning ORT workers park (compiler/benchmark.py)
             start = time.perf_counter()
             runs[name](feeds)
             times[name].append(time.perf_counter() - start)
@@ -335,7 +336,8 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
              f" (compiles {context['compile_seconds'] / 60:.1f} min of it).", "",
              f"Latency: seq {SEQ}, {context['threads']} intra-op threads, synthetic token ids (all attended), interleaved"
              f" rounds: {context['rounds1']} at batch 1, {context['rounds32']} at batch 32 (each round runs every model once,"
-             " in rotating order); medians, and ratios of the plain fp32 export's median to each model's.",
+             f" in rotating order, with a {SETTLE_SECONDS:g} s pause before each run so the previous model's idle ONNX Runtime"
+             " workers stop spinning); medians, and ratios of the plain fp32 export's median to each model's.",
              f"Fidelity: {context['heldout']}, against PyTorch fp32 (mean-pooled): mean cosine, and top-10 neighbour overlap"
              " (per text, the share of its 10 nearest neighbours in the sample that both embeddings agree on).",
              "Size: bytes on disk of the model file(s) (ONNX file; PyTorch: saved state dict).", "",

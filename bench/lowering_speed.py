@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from compiler.benchmark import SETTLE_SECONDS  # noqa: E402
 from compiler.lowering import QuantizeSpec, export_onnx, lower_to_onnx  # noqa: E402
 from compiler.lowering.verify import pooled_cosine  # noqa: E402
 
@@ -119,6 +120,7 @@ def main() -> None:
         # Interleaved, in rotating order, so drift (thermal, noisy neighbours) hits every variant alike.
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:
             s = sessions[name]
+            time.sleep(SETTLE_SECONDS)  # the previous session's spinning workers park first (compiler/benchmark.py)
             t = time.perf_counter()
             s.run(None, feeds)
             times[name].append(time.perf_counter() - t)
