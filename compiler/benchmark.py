@@ -62,8 +62,8 @@ def _feeds(sess, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # Pause before each timed run when several models are interleaved. ONNX Runtime's intra-op workers keep
 # spinning for a while after a run; on a 2-core machine the previous model's spinning workers steal the cores
-# from the next one (measured: the plain MiniLM export at batch 1 took 105 ms interleaved back to back with
-# four other sessions, 34 ms with this pause). Spinning stays on: it is what a deployed session does.
+# from the next one (bench/compare.py timed the plain MiniLM export at batch 1 at 102 ms among 7 other sessions
+# without the pause, 40 ms with it). Spinning stays on: it is what a deployed session does.
 SETTLE_SECONDS = 0.2
 
 
