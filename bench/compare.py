@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from compiler.benchmark import SETTLE_SECONDS, synthetic_batch, vocab_size  # noqa: E402
+from compiler.benchmark import SETTLE_SECONDS, rotating_rounds, synthetic_batch, vocab_size  # noqa: E402
 from compiler.calibration import prepare_calibration  # noqa: E402
 from compiler.frontend import example_inputs, load_model, resolve_model_path, trace  # noqa: E402
 from compiler.lowering import export_onnx  # noqa: E402
@@ -196,19 +197,9 @@ def compile_all(out_root: Path, reuse: bool, only: list[str] | None = None) -> d
 
 
 def interleaved(runs: dict, feeds: dict[str, np.ndarray], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name](feeds)
-    times = {name: [] for name in names}
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            time.sleep(SETTLE_SECONDS)  # let the previous model's spinning ORT workers park (compiler/benchmark.py)
-            start = time.perf_counter()
-            runs[name](feeds)
-            times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds per run of each model on ``feeds``, in rotating rounds with compiler.benchmark's settle pause."""
+    calls = {name: functools.partial(run, feeds) for name, run in runs.items()}
+    return rotating_rounds(calls, rounds=rounds, warmup=warmup, settle=SETTLE_SECONDS)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:

@@ -14,13 +14,14 @@ Usage: python bench/matmul_kernels.py [--rows 128 4096] [--threads 1 2] [--round
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.benchmark import rotating_rounds
 from compiler.lowering.nbits import pack_int4
 
 K, N, BLOCK = 384, 1536, 32
@@ -68,14 +69,8 @@ def main() -> None:
             sessions = {k: ort.InferenceSession(one_node_model(k, rows, rng).SerializeToString(), options,
                                                 providers=["CPUExecutionProvider"]) for k in kinds}
             feed = {"A": rng.standard_normal((rows, K)).astype(np.float32)}
-            times: dict[str, list[float]] = {k: [] for k in kinds}
-            for round_index in range(args.rounds + 2):
-                order = kinds[round_index % len(kinds):] + kinds[:round_index % len(kinds)]
-                for kind in order:
-                    start = time.perf_counter()
-                    sessions[kind].run(None, feed)
-                    if round_index >= 2:  # two warm-up rounds
-                        times[kind].append(time.perf_counter() - start)
+            times = rotating_rounds({k: functools.partial(sessions[k].run, None, feed) for k in kinds},
+                                    rounds=args.rounds, warmup=2)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             print(f"| {rows} | {threads} | " + " | ".join(f"{med[k]:.3f}" for k in kinds)
                   + f" | {med['fp32'] / med['int8']:.2f}x | {med['fp32'] / med['int4 level 4']:.2f}x |")

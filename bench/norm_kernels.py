@@ -19,15 +19,17 @@ Usage: python bench/norm_kernels.py [--batch 1 32] [--threads 1 2] [--rounds 40]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from compiler.benchmark import rotating_rounds
 
 HIDDEN, SEQ = 384, 128
 
@@ -75,14 +77,8 @@ def main() -> None:
                                                          providers=["CPUExecutionProvider"])
                     ran_as[kind] = [n.op_type for n in onnx.load(optimized).graph.node]
                 feed = {n: rng.standard_normal((batch, SEQ, HIDDEN)).astype(np.float32) for n in ("x", "skip")}
-                times: dict[str, list[float]] = {k: [] for k in kinds}
-                for round_index in range(args.rounds + 2):
-                    order = kinds[round_index % len(kinds):] + kinds[:round_index % len(kinds)]
-                    for kind in order:
-                        start = time.perf_counter()
-                        sessions[kind].run(None, feed)
-                        if round_index >= 2:  # two warm-up rounds
-                            times[kind].append(time.perf_counter() - start)
+                times = rotating_rounds({k: functools.partial(sessions[k].run, None, feed) for k in kinds},
+                                        rounds=args.rounds, warmup=2)
                 med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
                 base = med["skip-layer-norm"]
                 print(f"| {batch} | {threads} | " + " | ".join(f"{med[k]:.3f} ({base / med[k]:.2f}x)" for k in kinds) + " |")

@@ -10,11 +10,13 @@ no quantization), i.e. what ``torch.onnx.export`` would give you.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,27 +69,35 @@ def _feeds(sess, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 SETTLE_SECONDS = 0.2
 
 
+def rotating_rounds(runs: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2,
+                    settle: float = 0.0) -> dict[str, list[float]]:
+    """Seconds of each run: ``warmup`` untimed rounds, then ``rounds`` rounds that call every run once, rotating who
+    goes first so drift hits all alike; ``settle`` seconds of pause before each timed call (see SETTLE_SECONDS)."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if settle:
+                time.sleep(settle)
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def interleaved(models: dict[str, Path], batch: dict[str, np.ndarray], *, threads: int, rounds: int,
                 warmup: int = 2) -> list[Timing]:
     """Time every model ``rounds`` times, one run of each per round, rotating who goes first (with a pause of
     SETTLE_SECONDS before each run, so one session's idle workers do not slow the next)."""
     sessions = {name: session(path, threads) for name, path in models.items()}
-    names = list(sessions)
     size = int(next(iter(batch.values())).shape[0])
-    timings = {name: Timing(name, str(models[name]), [], size) for name in names}
-    for _ in range(warmup):
-        for name in names:
-            sessions[name].run(None, _feeds(sessions[name], batch))
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            feeds = _feeds(sessions[name], batch)
-            if len(names) > 1:
-                time.sleep(SETTLE_SECONDS)
-            start = time.perf_counter()
-            sessions[name].run(None, feeds)
-            timings[name].seconds.append(time.perf_counter() - start)
-    return [timings[name] for name in names]
+    runs = {name: functools.partial(sess.run, None, _feeds(sess, batch)) for name, sess in sessions.items()}
+    seconds = rotating_rounds(runs, rounds=rounds, warmup=warmup, settle=SETTLE_SECONDS if len(runs) > 1 else 0.0)
+    return [Timing(name, str(models[name]), seconds[name], size) for name in sessions]
 
 
 def measure_latency(model_path: Path, *, batch: int, seq: int, threads: int, runs: int = 3, vocab: int = 30522) -> dict:
