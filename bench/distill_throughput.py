@@ -1,24 +1,18 @@
-"""Distillation throughput on the flagship's student: one setting against another, alternating in one run.
+"""Distillation throughput on the flagship's student: random batches against length-grouped ones (`bucket`).
 
 Builds the student of recipes/minilm-fast.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
 a rank-128 word table), then runs the same distillation (batch 16, max length 64, lr 5e-4, layer-wise +
-attention losses, int8-aware) in two variants, alternating, --repeats times each:
+attention losses, int8-aware) with `bucket: false` and `bucket: true`, alternating, --repeats times
+each. Prints seconds per step (median over repeats), the share of computed tokens that were padding,
+and held-out fidelity after training (the flagship's 256 held-out WordNet glosses, fp32 graph against
+the original): bucketing must buy speed, not lose fidelity. One run, ratios within it.
 
-- ``--ab bucket`` (default): random batches against length-grouped ones (`bucket: true`);
-- ``--ab optimizer``: AdamW's per-tensor loop (``fused=False, foreach=False``, what AdamW picks on CPU by
-  default) against the fused kernel the distill pass uses.
-
-Prints seconds per step (median over repeats), the share of computed tokens that were padding, and
-held-out fidelity after training (the flagship's 256 held-out WordNet glosses, fp32 graph against the
-original): a faster variant must buy speed, not lose fidelity. One run, ratios within it.
-
-    python bench/distill_throughput.py [--ab bucket|optimizer] [--steps 400] [--repeats 2] [--threads 2]
+    python bench/distill_throughput.py [--steps 400] [--repeats 2] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import statistics
@@ -42,7 +36,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ab", choices=("bucket", "optimizer"), default="bucket")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,49 +55,32 @@ def main() -> None:
     options = {"steps": args.steps, "batch_size": 16, "max_length": 64, "lr": 5e-4, "warmup": 0.1, "schedule": "linear",
                "texts": "builtin:wordnet", "samples": 100_000, "layer_map": "kept", "qat": True,
                "losses": {"output": 1.0, "hidden": 1.0, "attention": 1.0}, "monitor_every": 10 * args.steps}
-    # Each A/B: (label, recipe options, whether AdamW is forced to its unfused per-tensor loop), baseline first.
-    variants = {"bucket": [("random", {"bucket": False}, False), ("length-grouped", {"bucket": True}, False)],
-                "optimizer": [("AdamW per-tensor", {"bucket": True}, True), ("AdamW fused", {"bucket": True}, False)]}[args.ab]
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+    runs: dict[bool, list[dict]] = {False: [], True: []}
     load_before = os.getloadavg()
     started = time.perf_counter()
     for repeat in range(args.repeats):
-        for label, extra, unfused in (variants if repeat % 2 == 0 else variants[::-1]):
+        for bucket in ((False, True) if repeat % 2 == 0 else (True, False)):
             gm = copy.deepcopy(student)
-            with _unfused_adamw() if unfused else contextlib.nullcontext():
-                details = run_pass("distill", {**options, **extra}, gm, loaded, calibration).details
+            details = run_pass("distill", {**options, "bucket": bucket}, gm, loaded, calibration).details
             cosine = compare(reference, run_batches(hidden_states(gm), heldout), heldout).cosine
-            runs[label].append({"s_per_step": details["seconds_per_step"], "padding": details["padding_share"],
-                                "cosine": cosine})
-            print(f"  repeat {repeat + 1}: {label:>16} {details['seconds_per_step']:.3f} s/step,"
+            runs[bucket].append({"s_per_step": details["seconds_per_step"], "padding": details["padding_share"],
+                                 "cosine": cosine})
+            print(f"  repeat {repeat + 1}: bucket {str(bucket).lower():5s} {details['seconds_per_step']:.3f} s/step,"
                   f" padding {details['padding_share']:.1%}, held-out cosine {cosine:.4f}", flush=True)
 
     print(f"\nflagship student (cosine {before:.4f} before distillation), {args.steps} steps of 16 WordNet glosses,"
           f" {args.threads} thread(s), {args.repeats} alternating repeats; load average before / after:"
           f" {[round(x, 1) for x in load_before]} / {[round(x, 1) for x in os.getloadavg()]};"
           f" whole run {time.perf_counter() - started:.0f} s")
-    print(f"{args.ab:>16} | {'s/step (median)':>15} | {'padding':>7} | {'held-out cosine':>15}")
+    print(f"{'batches':>15} | {'s/step (median)':>15} | {'padding':>7} | {'held-out cosine':>15}")
     medians = {}
-    for label, rows in runs.items():
-        medians[label] = statistics.median(r["s_per_step"] for r in rows)
-        print(f"{label:>16} | {medians[label]:15.3f} | {statistics.mean(r['padding'] for r in rows):7.1%} |"
+    for bucket, label in ((False, "random"), (True, "length-grouped")):
+        rows = runs[bucket]
+        medians[bucket] = statistics.median(r["s_per_step"] for r in rows)
+        print(f"{label:>15} | {medians[bucket]:15.3f} | {statistics.mean(r['padding'] for r in rows):7.1%} |"
               f" {statistics.mean(r['cosine'] for r in rows):15.4f}")
-    (base, _, _), (other, _, _) = variants
-    print(f"steps per hour, {other} / {base}: {medians[base] / medians[other]:.2f}x")
+    print(f"steps per hour, length-grouped / random: {medians[False] / medians[True]:.2f}x")
 
-
-@contextlib.contextmanager
-def _unfused_adamw():
-    """Make the distill pass build AdamW with its per-tensor loop (the CPU default) instead of the fused kernel."""
-    import passes.distill
-
-    original = torch.optim.AdamW
-    # (a partial would not do: the pass's own fused=True keyword would override it)
-    passes.distill.torch.optim.AdamW = lambda *args, **kwargs: original(*args, **{**kwargs, "fused": False, "foreach": False})
-    try:
-        yield
-    finally:
-        passes.distill.torch.optim.AdamW = original
 
 if __name__ == "__main__":
     main()
