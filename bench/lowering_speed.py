@@ -14,6 +14,7 @@ and the int8 model's mean-pooled cosine vs the PyTorch module on 64 held-out rea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from compiler.benchmark import SETTLE_SECONDS  # noqa: E402
+from compiler.benchmark import SETTLE_SECONDS, rotating_rounds  # noqa: E402
 from compiler.lowering import QuantizeSpec, export_onnx, lower_to_onnx  # noqa: E402
 from compiler.lowering.verify import pooled_cosine  # noqa: E402
 
@@ -111,19 +112,10 @@ def main() -> None:
     variants = {"plain_fp32": plain, "int8_lowered": int8.model_path, "int8_skipln": skipln.model_path,
                 "fused_fp32(ref)": fused.model_path}
     sessions = {name: session(path, args.threads) for name, path in variants.items()}
-    for _ in range(args.warmup):
-        for s in sessions.values():
-            s.run(None, feeds)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    names = list(sessions)
-    for round_index in range(args.rounds):
-        # Interleaved, in rotating order, so drift (thermal, noisy neighbours) hits every variant alike.
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            s = sessions[name]
-            time.sleep(SETTLE_SECONDS)  # the previous session's spinning workers park first (compiler/benchmark.py)
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[name].append(time.perf_counter() - t)
+    # Interleaved, in rotating order, so drift (thermal, noisy neighbours) hits every variant alike; a pause before
+    # each run lets the previous session's spinning workers park (compiler/benchmark.py).
+    times = rotating_rounds({name: functools.partial(s.run, None, feeds) for name, s in sessions.items()},
+                            rounds=args.rounds, warmup=args.warmup, settle=SETTLE_SECONDS)
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     # Per-round ratios (neighbouring runs) are steadier than a ratio of medians when the machine
     # is shared; report both.

@@ -12,6 +12,7 @@ Python-documentation calibration text; never seen by the compile).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -27,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.benchmark import SETTLE_SECONDS  # noqa: E402
+from compiler.benchmark import SETTLE_SECONDS, rotating_rounds  # noqa: E402
 from compiler.calibration import python_docs_texts, tokenize_batches, wordnet_texts  # noqa: E402
 from compiler.frontend import example_inputs, load_model, trace  # noqa: E402
 from compiler.lowering import export_onnx  # noqa: E402
@@ -70,16 +71,9 @@ def main() -> None:
     filler = (texts * (args.batch // len(texts) + 1))[: args.batch]
     enc = loaded.tokenizer(filler, padding="max_length", truncation=True, max_length=args.seq, return_tensors="np")
     feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    for sess in sessions.values():
-        for _ in range(2):
-            sess.run(None, feeds)
-    times = {name: [] for name in sessions}
-    for _ in range(args.rounds):
-        for name, sess in sessions.items():  # interleaved: drift hits both alike
-            time.sleep(SETTLE_SECONDS)  # the other session's spinning workers park first (compiler/benchmark.py)
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            times[name].append(time.perf_counter() - t)
+    # Interleaved, rotating who goes first, with a pause before each run (compiler/benchmark.py): drift hits both alike.
+    times = rotating_rounds({name: functools.partial(sess.run, None, feeds) for name, sess in sessions.items()},
+                            rounds=args.rounds, warmup=2, settle=SETTLE_SECONDS)
     median = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     per_round = statistics.median(p / q for p, q in zip(times["plain fp32 export"], times["bertpress int8"]))
     speedup = median["plain fp32 export"] / median["bertpress int8"]
