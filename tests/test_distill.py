@@ -66,6 +66,26 @@ def test_distill_recovers_held_out_fidelity_lost_by_layer_drop(tiny3, calibratio
     assert 1 - after < 0.5 * (1 - before), (before, after)
     assert len(analyze(result.graph_module).layers) == 2  # trains weights, rewrites no structure
     assert result.details["monitor_cosine_after"] > result.details["monitor_cosine_before"]
+    assert abs(result.details["monitor_cosine_graph"] - result.details["monitor_cosine_after"]) < 0.02
+
+
+def test_distill_fails_when_the_trained_graph_disagrees_with_its_probe(tiny3, calibration, monkeypatch):
+    # Stands in for the fused-AdamW failure: the probe's last reading looks healthy, the graph it trained is not.
+    from passes.distill import Distill
+
+    train = Distill._train
+
+    def train_then_corrupt(self, student, *args):
+        history = train(self, student, *args)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in args[-2]:
+                param.add_(torch.randn(param.shape, generator=generator) * 5)
+        return history
+
+    monkeypatch.setattr(Distill, "_train", train_then_corrupt)
+    with pytest.raises(RuntimeError, match="training bug"):
+        run_pass("distill", {**FAST, "steps": 5}, _dropped(tiny3, calibration), tiny3, calibration)
 
 
 def test_distill_is_deterministic_for_a_seed(tiny3, calibration):
