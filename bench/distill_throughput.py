@@ -1,6 +1,6 @@
 """Distillation throughput on the flagship's student: random batches against length-grouped ones (`bucket`).
 
-Builds the student of recipes/minilm-fast.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
+Builds the student of recipes/minilm-fast-h12.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
 a rank-128 word table), then runs the same distillation (batch 16, max length 64, lr 5e-4, layer-wise +
 attention losses, int8-aware) with `bucket: false` and `bucket: true`, alternating, --repeats times
 each. Prints seconds per step (median over repeats), the share of computed tokens that were padding,
