@@ -38,7 +38,7 @@ from compiler.frontend import example_inputs, trace
 from compiler.graph_edit import get_tensor, set_parameter
 from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
 from compiler.structure import analyze
-from compiler.validation import pool
+from compiler.validation import hidden_states, pool
 
 
 class LossWeights(BaseModel):
@@ -163,14 +163,12 @@ class Distill(Pass):
 
     def _graph_monitor_cosine(self, gm, teacher, monitor_batches) -> float:
         """Monitor cosine of the plain graph (no probe, no simulated training ops) against the teacher."""
-        cosines = []
+        cosines, run = [], hidden_states(gm)
         with torch.no_grad():
             for b in monitor_batches:
                 target = pool(teacher(**b)["layers"][-1], b["attention_mask"], self.config.pooling)
-                out = gm(**b)
-                hidden = out if isinstance(out, torch.Tensor) else out[0]
                 cosines.append(torch.nn.functional.cosine_similarity(
-                    target, pool(hidden, b["attention_mask"], self.config.pooling), dim=-1))
+                    target, pool(run(b), b["attention_mask"], self.config.pooling), dim=-1))
         return float(torch.cat(cosines).mean())
 
     def _layer_map(self, student, teacher) -> list[int]:
