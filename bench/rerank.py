@@ -8,10 +8,10 @@ N=100 passages of 96 tokens each (passage [SEP]), i.e. 100 pair inputs of 112 to
   passages' lower-layer states are computed once (lower.onnx, timed separately as the cache build), and
   per query only lower.onnx over the 16 query tokens and upper.onnx (2 layers) over the 100 pairs run.
 
-Timings are medians over interleaved repeats (joint, split, joint, split, ...) in one run, so both
-see the same machine load. Fidelity: mean-pooled pair embeddings of the split form vs the joint
-model on this workload, plus the compile report's held-out WordNet-pair cosine before and after the
-distill step. Texts are real: passages from Python's documentation, the query a WordNet gloss.
+Timings are medians over interleaved repeats (compiler.benchmark.rotating_rounds: who goes first rotates,
+with a pause before each timed run) in one run, so both see the same machine load. Fidelity: mean-pooled
+pair embeddings of the split form vs the joint model on this workload, plus the compile report's held-out
+WordNet-pair cosine before and after the distill step. Texts are real: passages from Python's documentation, the query a WordNet gloss.
 
     python bench/rerank.py [--out build/rerank] [--repeats 20] [--force]
 """
@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compiler.benchmark import SETTLE_SECONDS, rotating_rounds  # noqa: E402
 from compiler.calibration import python_docs_texts, wordnet_texts  # noqa: E402
 from compiler.compile import compile_recipe  # noqa: E402
 from compiler.frontend import example_inputs, load_model, trace  # noqa: E402
@@ -108,13 +109,10 @@ def main() -> None:
         states = np.concatenate([np.broadcast_to(query_states, (n, *query_states.shape[1:])), cached], axis=1)
         return split.joint(states, pair_mask)[0]
 
-    run_joint(), run_split()  # warm-up (allocations, first-run kernel choice)
-    times = {"joint": [], "split": []}
-    for _ in range(args.repeats):
-        for name, fn in (("joint", run_joint), ("split", run_split)):
-            mark = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - mark)
+    # One timing loop for every bench: warm-up, rounds that rotate who goes first, and the settle pause before
+    # each timed run (ONNX Runtime's idle workers of the previous run would otherwise share the cores).
+    times = rotating_rounds({"joint": run_joint, "split": run_split}, rounds=args.repeats, warmup=1,
+                            settle=SETTLE_SECONDS)
     joint_s, split_s = median_seconds(times["joint"]), median_seconds(times["split"])
 
     pooled_joint, pooled_split = run_joint().mean(1), run_split().mean(1)

@@ -141,9 +141,14 @@ class Distill(Pass):
         try:
             for name, param in gm.named_parameters():
                 param.requires_grad_(name in trained)
-            history = self._train(student, student_info, teacher, teacher_info, layer_map, stream,
-                                  monitor_batches, [p for n, p in gm.named_parameters() if n in trained], ctx)
-            history["monitor_cosine_graph"] = round(self._graph_monitor_cosine(gm, teacher, monitor_batches), 4)
+            with torch.no_grad():
+                monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling)
+                                   for b in monitor_batches]
+            history = self._train(student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches,
+                                  monitor_targets, [p for n, p in gm.named_parameters() if n in trained], ctx)
+            # The plain graph: no probe, no simulated training ops.
+            graph = hidden_states(gm)
+            history["monitor_cosine_graph"] = round(self._monitor_cosine(graph, monitor_batches, monitor_targets), 4)
         finally:
             for name, param in gm.named_parameters():
                 param.requires_grad_(flags[name])
@@ -161,14 +166,12 @@ class Distill(Pass):
                 " or simulated-op kernel), not a fidelity limit")
         return PassResult(gm, modified=True, details=details)
 
-    def _graph_monitor_cosine(self, gm, teacher, monitor_batches) -> float:
-        """Monitor cosine of the plain graph (no probe, no simulated training ops) against the teacher."""
-        cosines, run = [], hidden_states(gm)
+    def _monitor_cosine(self, last_hidden, batches, targets) -> float:
+        """Mean cosine between the teacher's pooled embeddings (`targets`) and those of `last_hidden(batch)`."""
         with torch.no_grad():
-            for b in monitor_batches:
-                target = pool(teacher(**b)["layers"][-1], b["attention_mask"], self.config.pooling)
-                cosines.append(torch.nn.functional.cosine_similarity(
-                    target, pool(run(b), b["attention_mask"], self.config.pooling), dim=-1))
+            cosines = [torch.nn.functional.cosine_similarity(
+                target, pool(last_hidden(b), b["attention_mask"], self.config.pooling), dim=-1)
+                for b, target in zip(batches, targets)]
         return float(torch.cat(cosines).mean())
 
     def _layer_map(self, student, teacher) -> list[int]:
@@ -218,7 +221,8 @@ class Distill(Pass):
                       if n.op == "get_attr" and part == "embeddings"}
         return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in params and n.target not in frozen}
 
-    def _train(self, student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches, params, ctx):
+    def _train(self, student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches, monitor_targets,
+               params, ctx):
         cfg = self.config
         weights = cfg.losses
         decay = [p for p in params if p.dim() >= 2]
@@ -229,15 +233,9 @@ class Distill(Pass):
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kd.lr_lambda(cfg.steps, cfg.warmup, cfg.schedule))
-        with torch.no_grad():
-            monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling) for b in monitor_batches]
 
         def monitor_cosine() -> float:
-            with torch.no_grad():
-                cosines = [torch.nn.functional.cosine_similarity(
-                    target, pool(student(**b)["layers"][-1], b["attention_mask"], cfg.pooling), dim=-1)
-                    for b, target in zip(monitor_batches, monitor_targets)]
-            return float(torch.cat(cosines).mean())
+            return self._monitor_cosine(lambda b: student(**b)["layers"][-1], monitor_batches, monitor_targets)
 
         report = ctx.progress
         first = monitor_cosine()

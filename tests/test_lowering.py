@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.export import Dim
 
 from compiler.lowering import QuantizeSpec, export_onnx, lower_to_onnx
+from compiler.lowering.io import ZERO_POINT_INPUTS
 from compiler.lowering.verify import ort_outputs, padded_batch, pooled_cosine, torch_outputs
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -122,6 +124,28 @@ def test_int8_quantizes_attention_not_embeddings(tiny, tmp_path):
     assert not any(n.op_type.startswith("QEmbed") or n.op_type == "DequantizeLinear" for n in proto.graph.node)
     x = _check_inputs()
     cos = pooled_cosine(ort_outputs(res.model_path, x), torch_outputs(model, x), x["attention_mask"].numpy())
+    assert cos.min() > 0.98
+
+
+def test_int8_model_loads_with_the_exact_u8u8_option(tiny, tmp_path):
+    # On x86 without VNNI, users switch ONNX Runtime to exact u8 x u8 products (no 16-bit saturation) with this
+    # session option; it converts each node's int8 weight and zero point and used to fail on byte-identical
+    # zero points once the writer deduplicated them ("Attempt to replace the existing tensor").
+    import onnxruntime as ort
+
+    model, gm, kw = tiny
+    res = lower_to_onnx(gm, kw, tmp_path, quantize=QuantizeSpec())
+    proto = onnx.load(res.model_path)
+    initializers = {i.name for i in proto.graph.initializer}
+    zero_point_uses = collections.Counter(
+        node.input[i] for node in proto.graph.node for i in ZERO_POINT_INPUTS.get(node.op_type, ())
+        if i < len(node.input) and node.input[i] in initializers)
+    assert zero_point_uses and max(zero_point_uses.values()) == 1
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    session = ort.InferenceSession(str(res.model_path), options, providers=["CPUExecutionProvider"])
+    x = _check_inputs()
+    cos = pooled_cosine(ort_outputs(session, x), torch_outputs(model, x), x["attention_mask"].numpy())
     assert cos.min() > 0.98
 
 

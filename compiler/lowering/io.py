@@ -26,14 +26,30 @@ def finalize(model: ir.Model, *, keep_metadata: bool = False) -> ir.Model:
     return model
 
 
+# Zero-point inputs of integer ops, by op type (see dedupe_initializers).
+ZERO_POINT_INPUTS = {"MatMulInteger": (2, 3), "DynamicQuantizeMatMul": (3,), "MatMulIntegerToFloat": (4, 5),
+                     "QAttention": (6, 7), "QGemm": (2, 5, 8)}
+
+
 def dedupe_initializers(model: ir.Model) -> int:
-    """Point every use of a byte-identical initializer at its first copy; return #removed."""
+    """Point every use of a byte-identical initializer at its first copy; return #removed.
+
+    Not the zero points of integer ops: the per-channel zero points of int8 weights are all zeros, so byte-identical
+    across layers, and merging them breaks ONNX Runtime's exact u8 x u8 option (``session.x64quantprecision=1``,
+    for x86 CPUs without VNNI, where the default u8 x s8 kernel adds pairs of products in 16 bits and saturates).
+    That option converts each node's int8 weight and zero point to uint8, and refuses to load a model in which one
+    zero point feeds several nodes ("Attempt to replace the existing tensor"). Zero points are one byte per
+    output channel, so keeping them apart costs a few kilobytes. (Weights that a recipe shares on purpose, as
+    share-layers does, stay shared, so such a model still cannot use that option.)
+    """
     # onnx_ir's own dedupe passes either skip tensors > 1 KB or choke on non-contiguous arrays
     # (exporter constants can be transposed views), so hash the C-order bytes ourselves.
     graph, seen, removed = model.graph, {}, 0
     outputs = {id(v) for v in graph.outputs}
     for name, value in list(graph.initializers.items()):
         if value.const_value is None or id(value) in outputs or value.is_graph_input():
+            continue
+        if any(index in ZERO_POINT_INPUTS.get(user.op_type, ()) for user, index in value.uses()):
             continue
         array = value.const_value.numpy()  # tobytes() is C-order even for strided views
         key = (str(value.const_value.dtype), array.shape, hashlib.sha256(array.tobytes()).hexdigest())

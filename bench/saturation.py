@@ -1,0 +1,161 @@
+"""What ONNX Runtime's u8 x s8 saturation costs a compiled int8 model, and what the exact u8 x u8 option costs in speed.
+
+On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime multiplies uint8 activations by int8 weights
+with VPMADDUBSW, which adds each pair of neighbouring products (k = 2i, 2i+1) in 16 bits and saturates at 32767;
+the session option ``session.x64quantprecision=1`` converts the weights to uint8 and uses exact u8 x u8 kernels.
+For each compiled output folder this runs its model.onnx both ways, in one process:
+
+  * fidelity on the flagship recipe's held-out WordNet glosses (bench/compare.py's slice and metrics) against
+    PyTorch fp32 MiniLM: mean cosine of mean-pooled embeddings and top-10 neighbour overlap;
+  * latency at batch 32 x seq 128 (and batch 1), 2 threads, interleaved rounds with the settle pause
+    (compiler.benchmark.rotating_rounds), as medians and the exact/default ratio.
+
+It also checks the kernel itself: one DynamicQuantizeMatMul whose neighbouring weights are large and of the same
+sign, against exact integer arithmetic (relative error 0 on a VNNI machine, large where the kernel saturates).
+
+    python bench/saturation.py [OUT_DIR ...] [--rounds32 9] [--rounds1 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compare  # noqa: E402  (held-out slice, embedding and fidelity metrics shared with bench/compare.py)
+from compiler.benchmark import SETTLE_SECONDS, rotating_rounds, synthetic_batch, vocab_size  # noqa: E402
+
+OPTION = "session.x64quantprecision"
+
+
+def ort_session(path: Path, threads: int, exact: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry(OPTION, "1" if exact else "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def with_own_zero_points(path: Path, tmp: Path) -> Path:
+    """``path`` itself if no zero point feeds two integer ops; else a copy in ``tmp`` where each has its own.
+
+    Outputs lowered before compiler.lowering.io kept zero points apart share them, and the exact option refuses to
+    load those. The copy is numerically the same model.
+    """
+    import onnx_ir as ir
+
+    from compiler.lowering.io import ZERO_POINT_INPUTS
+
+    model = ir.load(path)
+    copied = 0
+    for node in model.graph.all_nodes():
+        for index in ZERO_POINT_INPUTS.get(node.op_type, ()):
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is None or value.const_value is None or len(value.uses()) < 2:
+                continue
+            name = f"{value.name}__{node.name}"
+            own = ir.Value(name=name, shape=value.shape, type=value.type,
+                           const_value=ir.Tensor(value.const_value.numpy().copy(), name=name))
+            model.graph.register_initializer(own)
+            node.replace_input_with(index, own)
+            copied += 1
+    if not copied:
+        return path
+    print(f"{path}: {copied} shared zero point(s) given their own copy for the exact option (lowered before the fix)")
+    out = tmp / f"{path.parent.name}.onnx"
+    ir.save(model, out)
+    return out
+
+
+def kernel_check() -> float:
+    """Relative error of one DynamicQuantizeMatMul built to saturate (pairs of weights at +127, activations near max)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n, m = 384, 64, 32
+    weights = np.zeros((k, n), np.int8)
+    weights[0::4] = 127
+    weights[1::4] = 127  # rows 4i and 4i+1 are neighbours in one 16-bit pair sum
+    scale = np.full((n,), 0.01, np.float32)
+    x = np.random.default_rng(0).uniform(0.95, 1.0, size=(m, k)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", ""], ["y"], domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    y = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    low, high = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    step = (high - low) / 255
+    zero = np.round(-low / step)
+    q = np.clip(np.round(x / step) + zero, 0, 255)
+    exact = ((q - zero) @ weights.astype(np.float64)) * step * scale
+    return float(np.abs(y - exact).max() / np.abs(exact).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", type=Path, default=[ROOT / "out" / "minilm-fast"])
+    parser.add_argument("--rounds32", type=int, default=9)
+    parser.add_argument("--rounds1", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    for folder in args.folders:
+        if not (folder / "model.onnx").is_file():
+            raise SystemExit(f"bench/saturation.py: {folder}/model.onnx does not exist; compile the recipe first "
+                             f"(bertpress compile recipes/{folder.name}.yaml).")
+    loaded = compare.load_model(compare.MODEL)
+    texts, label = compare.heldout_texts(loaded.tokenizer, loaded.max_length)
+    reference = compare.embed(compare.torch_run(loaded.model.eval()), loaded.tokenizer, texts)
+    print(f"kernel check (one saturating DynamicQuantizeMatMul): relative error {kernel_check():.3g}; "
+          f"{platform.processor() or platform.machine()}")
+    rows, tmp = [], Path(tempfile.mkdtemp(prefix="bertpress-saturation-"))
+    for folder in args.folders:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        path = with_own_zero_points(folder / "model.onnx", tmp)
+        sessions = {exact: ort_session(path, args.threads, exact) for exact in (False, True)}
+        row = {"model": folder.name}
+        for exact, sess in sessions.items():
+            names = {i.name for i in sess.get_inputs()}
+            emb = compare.embed(lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})[0],
+                                tokenizer, texts)
+            row["exact" if exact else "default"] = compare.fidelity(emb, reference)
+        for batch, rounds in ((32, args.rounds32), (1, args.rounds1)):
+            feeds = synthetic_batch(batch, compare.SEQ, vocab_size(folder))
+            runs = {exact: (lambda s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()}))
+                    for exact, sess in sessions.items()}
+            seconds = rotating_rounds(runs, rounds=rounds, settle=SETTLE_SECONDS)
+            default_ms, exact_ms = (1000 * statistics.median(seconds[e]) for e in (False, True))
+            row[f"b{batch}"] = {"default_ms": round(default_ms, 2), "exact_ms": round(exact_ms, 2),
+                                "exact_over_default": round(exact_ms / default_ms, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nfidelity on {label} against PyTorch fp32; latency at seq {compare.SEQ}, {args.threads} threads")
+    print("| model | cosine default | cosine exact | overlap default | overlap exact | b32 ms default | b32 ms exact | exact/default b32 | exact/default b1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        d, e = r["default"], r["exact"]
+        print(f"| {r['model']} | {d['cosine']:.4f} | {e['cosine']:.4f} | {d['overlap10']:.3f} | {e['overlap10']:.3f} | "
+              f"{r['b32']['default_ms']:.1f} | {r['b32']['exact_ms']:.1f} | {r['b32']['exact_over_default']:.2f}x | "
+              f"{r['b1']['exact_over_default']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
