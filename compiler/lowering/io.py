@@ -40,7 +40,7 @@ def dedupe_initializers(model: ir.Model) -> int:
     That option converts each node's int8 weight and zero point to uint8, and refuses to load a model in which one
     zero point feeds several nodes ("Attempt to replace the existing tensor"). Zero points are one byte per
     output channel, so keeping them apart costs a few kilobytes. (Weights that a recipe shares on purpose, as
-    share-layers does, stay shared, so such a model still cannot use that option.)
+    share-layers does, stay shared; whether the option accepts one weight feeding several nodes is untested.)
     """
     # onnx_ir's own dedupe passes either skip tensors > 1 KB or choke on non-contiguous arrays
     # (exporter constants can be transposed views), so hash the C-order bytes ourselves.
