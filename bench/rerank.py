@@ -11,7 +11,8 @@ N=100 passages of 96 tokens each (passage [SEP]), i.e. 100 pair inputs of 112 to
 Timings are medians over interleaved repeats (compiler.benchmark.rotating_rounds: who goes first rotates,
 with a pause before each timed run) in one run, so both see the same machine load. Fidelity: mean-pooled
 pair embeddings of the split form vs the joint model on this workload, plus the compile report's held-out
-WordNet-pair cosine before and after the distill step. Texts are real: passages from Python's documentation, the query a WordNet gloss.
+WordNet-pair cosine before and after the distill step. Texts are real: passages from Python's
+documentation, the query a WordNet gloss.
 
     python bench/rerank.py [--out build/rerank] [--repeats 20] [--force]
 """

@@ -34,19 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import compare  # noqa: E402  (held-out slice, embedding and fidelity metrics shared with bench/compare.py)
 from compiler.benchmark import SETTLE_SECONDS, rotating_rounds, synthetic_batch, vocab_size  # noqa: E402
+from compiler.runtime import session  # noqa: E402
 
 OPTION = "session.x64quantprecision"
-
-
-def ort_session(path: Path, threads: int, exact: bool):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry(OPTION, "1" if exact else "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def with_own_zero_points(path: Path, tmp: Path) -> Path:
@@ -130,7 +120,7 @@ def main() -> None:
     for folder in args.folders:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         path = with_own_zero_points(folder / "model.onnx", tmp)
-        sessions = {exact: ort_session(path, args.threads, exact) for exact in (False, True)}
+        sessions = {exact: session(path, args.threads, {OPTION: "1" if exact else "0"}) for exact in (False, True)}
         row = {"model": folder.name}
         for exact, sess in sessions.items():
             names = {i.name for i in sess.get_inputs()}

@@ -8,13 +8,16 @@ import numpy as np
 import torch
 
 
-def session(model_path: Path, threads: int = 2):
+def session(model_path: Path, threads: int = 2, config: dict[str, str] | None = None):
+    """An ONNX Runtime CPU session; ``config``: session config entries (e.g. {"session.x64quantprecision": "1"})."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
