@@ -64,12 +64,13 @@ def _load(recipe_path: str, model: str | None):
 
 def cmd_compile(args) -> int:
     from .compile import compile_recipe
+    from .output import interrupts_remembered
 
     recipe = _load(args.recipe, args.model)
     out = Path(args.out) if args.out else Path("out") / Path(args.recipe).stem
     started = time.perf_counter()
     console.print(f"bertpress: compiling {args.recipe} -> {out}")
-    with console.status("working", spinner="dots") as status:
+    with console.status("working", spinner="dots") as status, interrupts_remembered():
         def progress(message: str) -> None:
             status.update(message)
             console.print(f"  {message}", markup=False)

@@ -21,6 +21,7 @@ import torch
 from . import cost_model, roofline
 from .calibration import CalibrationData, tokenize_batches
 from .errors import BertpressError, CheckFailed, PassRefused
+from .output import raise_if_interrupted
 from .pass_infra import InputMap, Pass, PassContext, get_pass
 from .recipe import Recipe
 from .structure import BertStructure, analyze
@@ -93,6 +94,9 @@ class PassManager:
         self.reference_outputs = run_batches(hidden_states(reference), calibration.heldout_batches)
 
     def emit(self, event: str, **payload) -> None:
+        # Every event (a pass starting, a long pass's progress) is also where a Ctrl-C whose
+        # KeyboardInterrupt was swallowed inside a library stops the compile (compiler.output).
+        raise_if_interrupted()
         for instrument in self.instruments:
             instrument(event, payload)
 
