@@ -20,7 +20,7 @@ from . import __version__, cache as build_cache, cost_model, report as report_io
 from .calibration import prepare_calibration
 from .errors import CheckFailed
 from .frontend import CARRIED_FILES, LoadedModel, example_inputs, load_model, trace
-from .output import commit, interrupts_deferred, staging_dir
+from .output import commit, raise_if_interrupted, staging_dir
 from .pass_manager import PassCheckFailed, PassManager
 from .recipe import Recipe
 from .runtime import ort_runner, session
@@ -112,8 +112,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
     say("tracing with torch.export")
     mark = time.perf_counter()
     example = example_inputs(loaded.tokenizer)
-    with interrupts_deferred():  # a Ctrl-C inside torch.export's callbacks can abort the process
-        gm = trace(loaded.model, example, max_length=loaded.max_length)
+    gm = trace(loaded.model, example, max_length=loaded.max_length)
+    raise_if_interrupted()  # Ctrl-C takes effect at safe points (compiler.output)
     structure_before = analyze(gm)
     timings["trace"] = time.perf_counter() - mark
     pooling = pooling_mode(loaded.pooling)
@@ -156,10 +156,11 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         # After an input-interface change (prune-vocab) the graph takes renumbered ids.
         heldout = manager.heldout(state)
         int4, attention_fusion = _int4_weights(final, state.lowering, structure_after)
-        with interrupts_deferred():  # the ONNX exporter traces with torch.export too
-            lowered = lower_to_onnx(final, manager.map_inputs(state, [example])[0], staging,
-                                    quantize=_quantize_spec(state.lowering), fuse=settings.target.fusions,
-                                    fp16=quant.get("dtype") == "fp16", int4=int4, attention_fusion=attention_fusion)
+        raise_if_interrupted()
+        lowered = lower_to_onnx(final, manager.map_inputs(state, [example])[0], staging,
+                                quantize=_quantize_spec(state.lowering), fuse=settings.target.fusions,
+                                fp16=quant.get("dtype") == "fp16", int4=int4, attention_fusion=attention_fusion)
+        raise_if_interrupted()
         if state.lowering.get("embedding_precision"):
             from .graph_edit import get_tensor
             from .lowering.embeddings import store_embeddings
@@ -175,6 +176,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         report["lowering"] = {"fusions": lowered.fusions, "quantized": lowered.quantized, "op_counts": lowered.op_counts,
                               "notes": lowered.notes, "seconds": round(timings["lowering"], 2)}
 
+        raise_if_interrupted()
         say("checking the ONNX Runtime model against the reference")
         mark = time.perf_counter()
         runner = ort_runner(session(lowered.model_path, settings.target.threads))

@@ -3,16 +3,16 @@
 A compile killed at any point leaves either the previous output or nothing, never a mix: the
 temporary folder is a hidden sibling of the target (same filesystem, so the move is a rename).
 
-Ctrl-C (SIGINT) is remembered, not only raised: Python turns it into a KeyboardInterrupt at the next
-bytecode, and when that bytecode belongs to a ``__del__`` or a weakref callback (torch.export and the
-ONNX exporter collect many such objects) the exception is printed as "ignored" and the compile goes
-on. Under :func:`interrupts_remembered` the handler also sets a flag, and :func:`commit` refuses to
-move an interrupted compile's output into place; the two renames of a commit run with the
-interrupt deferred, so a Ctrl-C cannot leave the target moved away and the new output not yet in.
-Tracing and the ONNX export run deferred too (:func:`interrupts_deferred`): a KeyboardInterrupt
-raised inside torch.export's Python callbacks once aborted the process from C++ (SIGABRT) and once
-left numpy half-imported (RecursionError); deferred, the compile stops cleanly when they return. A
-second Ctrl-C while deferred stops at once.
+Ctrl-C (SIGINT) during a compile stops it at the next safe point rather than wherever Python
+happens to be. Raised asynchronously, the KeyboardInterrupt landed in places that could not take it:
+inside a ``__del__`` or weakref callback, where Python prints it as "ignored" and the compile went on
+to commit its output (the likely cause of a rare CI failure); inside torch's dispatcher called back from C++ during the cost
+model's fake-tensor run, where it aborted the process (SIGABRT, "terminate called after throwing an
+instance of 'pybind11::error_already_set'"); inside an import, leaving numpy half-imported. So under
+:func:`interrupts_remembered` the first Ctrl-C only sets a flag (and says so on stderr);
+:func:`raise_if_interrupted` turns it into a KeyboardInterrupt at the safe points (every pass-manager
+event, including each step of a long pass, around tracing and lowering, and first thing in
+:func:`commit`). A second Ctrl-C raises at once, except during the two renames of a commit.
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ class _Interrupts:
     """What the SIGINT handler installed by :func:`interrupts_remembered` has seen."""
 
     def __init__(self) -> None:
-        self.seen = False  # a SIGINT arrived (even if its KeyboardInterrupt was swallowed)
-        self.deferring = False  # remember, do not raise (yet)
+        self.seen = False  # a SIGINT arrived
         self.committing = False  # inside a commit's renames: not even a second Ctrl-C raises
 
 
@@ -77,23 +76,10 @@ _interrupts = _Interrupts()
 
 
 def _on_sigint(signum, frame) -> None:
-    again = _interrupts.seen
+    if _interrupts.seen and not _interrupts.committing:
+        raise KeyboardInterrupt  # the second Ctrl-C: now
     _interrupts.seen = True
-    if not _interrupts.deferring or (again and not _interrupts.committing):
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def interrupts_deferred():
-    """Hold a Ctrl-C back while library code that mishandles asynchronous exceptions runs; raise it after."""
-    outer = _interrupts.deferring
-    _interrupts.deferring = True
-    try:
-        yield
-    finally:
-        _interrupts.deferring = outer
-    if not outer:
-        raise_if_interrupted()
+    os.write(2, b"\nbertpress: interrupted; stopping at the next safe point (Ctrl-C again to stop at once)\n")
 
 
 @contextmanager
@@ -115,7 +101,7 @@ def interrupts_remembered():
 
 
 def raise_if_interrupted() -> None:
-    """Raise KeyboardInterrupt if a SIGINT arrived whose own exception was swallowed on the way."""
+    """A safe point: raise KeyboardInterrupt if Ctrl-C was pressed since the compile started."""
     if _interrupts.seen:
         raise KeyboardInterrupt
 
@@ -123,12 +109,11 @@ def raise_if_interrupted() -> None:
 def commit(staging: Path, target: Path) -> None:
     """Replace ``target`` with ``staging`` by renames; the old output is deleted only afterwards.
 
-    An interrupted compile never commits; an interrupt that arrives during the renames is deferred
-    until they are done (the output is then complete and in place).
+    An interrupted compile never commits; an interrupt that arrives during the renames is only noted
+    (the output is then complete and in place).
     """
     target = target.resolve()
-    raise_if_interrupted()
-    deferring, _interrupts.deferring, _interrupts.committing = _interrupts.deferring, True, True
+    _interrupts.committing = True
     try:
         raise_if_interrupted()
         old = None
@@ -137,6 +122,6 @@ def commit(staging: Path, target: Path) -> None:
             os.replace(target, old)
         os.replace(staging, target)
     finally:
-        _interrupts.deferring, _interrupts.committing = deferring, False
+        _interrupts.committing = False
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -112,6 +112,23 @@ def test_an_interrupt_during_the_onnx_export_waits_for_it_then_stops(tmp_path, t
     assert not list(tmp_path.glob(".out.*"))
 
 
+def test_the_first_ctrl_c_waits_for_a_safe_point_and_the_second_stops_at_once():
+    from compiler.output import interrupts_remembered, raise_if_interrupted
+
+    with interrupts_remembered():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler has run by now: it only took note
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+    raise_if_interrupted()  # outside a compile there is nothing to remember
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_killed_first_compile_leaves_nothing(tmp_path, tiny_dir):
     recipe = _recipe(tmp_path, tiny_dir)
     out = tmp_path / "fresh"

@@ -1,0 +1,309 @@
+"""Reorder int8 weight rows so ONNX Runtime's u8 x s8 kernel cannot saturate on CPUs without VNNI.
+
+On x86 without VNNI (AVX2, AVX-512 without VNNI) ONNX Runtime multiplies uint8 activations by int8 weights
+with VPMADDUBSW, which adds the products of neighbouring rows k = 2i and 2i+1 in 16 bits and saturates at
++-32767 (``bench/saturation.py`` checks the kernel and measures what it costs a model). With activations
+up to 255, a pair can only saturate if its two weights have the same sign and ``|w1| + |w2| > 128``. Which
+rows are neighbours is free: permuting the K rows of a weight together with the channels of the
+activation that feeds it is an exact rewrite. This pass finds, for every *channel group* (a set of
+tensors that can be permuted along their last axis as one), an order of its channels in which such pairs
+are rare, and rewrites the model:
+
+* the hidden stream of a BERT encoder (embeddings' sum and LayerNorm, every residual Sum and LayerNorm) is
+  one group: its consumers are every layer's QAttention (q/k/v) and first FFN MatMul, its producers the
+  embedding tables' columns, the attention-output and second FFN MatMuls' columns, LayerNorm gammas and
+  betas; graph outputs of the group get one Gather that restores the original order;
+* each FFN's intermediate activation (first MatMul's columns, BiasGelu's bias, second MatMul's rows);
+* the factorized word table's rank dimension (the table's columns, the projection's rows).
+
+Groups are found by propagating through the ops our lowering emits (elementwise ops, LayerNormalization,
+DynamicQuantizeLinear, Cast, BiasGelu, Gather, the integer MatMuls); a group that reaches anything else (a
+graph input, a reshape, QAttention's output) is left as it is. Channels are paired greedily: the heaviest
+channel first, each with the free partner that adds the least excess over the threshold, summed over every
+output channel of every consumer. The rewrite changes nothing on CPUs with VNNI or with the exact option
+(up to float summation order); ``tests/test_lowering.py`` checks both properties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+LIMIT = 128  # same-sign |w1| + |w2| <= 128: 255 * 128 = 32640 <= 32767, no saturation for any uint8 activations
+
+_ELEMENTWISE = {"Add", "Sum", "Sub", "Mul", "Div"}
+_PASS_THROUGH = {"Cast", "Relu", "Gelu", "FastGelu", "Tanh", "Erf", "Sqrt", "Identity"}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+@dataclass
+class ChannelGroup:
+    """Tensors permuted along their last axis together, and what that means for the constants around them."""
+
+    size: int
+    values: set = field(default_factory=set)  # ids of the permuted non-constant values
+    nodes: set = field(default_factory=set)  # ids of the nodes that touch the group
+    permute: dict = field(default_factory=dict)  # id(constant value) -> (value, axis)
+    consumers: list = field(default_factory=list)  # (int8 weight value, node): rows follow the permutation
+    outputs: list = field(default_factory=list)  # graph outputs in the group (restored by a Gather)
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def _last_dim(value: ir.Value) -> int | None:
+    if value.shape is None or len(value.shape) == 0:
+        return None
+    dim = value.shape[-1]
+    return dim if isinstance(dim, int) else None
+
+
+class _Finder:
+    def __init__(self, seed: ir.Value, size: int):
+        self.group = ChannelGroup(size=size)
+        self.todo = [seed]
+
+    def run(self) -> ChannelGroup:
+        while self.todo:
+            value = self.todo.pop()
+            if id(value) in self.group.values:
+                continue
+            self.group.values.add(id(value))
+            if value.is_graph_input():
+                raise _Unsupported(f"graph input {value.name}")
+            if value.is_graph_output():
+                self.group.outputs.append(value)
+            producer = value.producer()
+            if producer is not None:
+                self._visit(producer, output=value)
+            for use in value.uses():
+                self._visit(use.node, index=use.idx)
+        return self.group
+
+    # -- helpers
+    def _add(self, value: ir.Value | None) -> None:
+        if value is None:
+            return
+        if value.const_value is not None:
+            self._permute(value, -1)
+        elif id(value) not in self.group.values:
+            if _last_dim(value) not in (None, self.group.size):
+                raise _Unsupported(f"{value.name} has last dimension {_last_dim(value)}, not {self.group.size}")
+            self.todo.append(value)
+
+    def _permute(self, value: ir.Value, axis: int) -> None:
+        array = value.const_value.numpy()
+        if array.ndim == 0 or array.shape[axis] == 1:
+            return  # broadcast along the permuted axis: unchanged
+        if array.shape[axis] != self.group.size:
+            raise _Unsupported(f"constant {value.name} has {array.shape[axis]} channels, not {self.group.size}")
+        self.group.permute[id(value)] = (value, axis % array.ndim)
+
+    def _broadcasts(self, value: ir.Value) -> bool:
+        """Whether `value` is constant along the last axis of an elementwise op (a scalar, or last dimension 1)."""
+        array = _const(value)
+        if array is not None:
+            return array.ndim == 0 or array.shape[-1] == 1
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DynamicQuantizeLinear" and value is not producer.outputs[0]:
+            return True  # its scale and zero point are scalars (the quantized graph carries no shapes for them)
+        if producer is not None and producer.op_type in _ELEMENTWISE | _PASS_THROUGH and all(
+                v is None or self._broadcasts(v) for v in producer.inputs):
+            return True
+        return _last_dim(value) == 1 or (value.shape is not None and len(value.shape) == 0)
+
+    # -- one node touching the group, reached through output `output` or input `index`
+    def _visit(self, node: ir.Node, output: ir.Value | None = None, index: int | None = None) -> None:
+        self.group.nodes.add(id(node))
+        op = node.op_type
+        ins = list(node.inputs)
+        if op in _ELEMENTWISE or op in _PASS_THROUGH:
+            for value in ins:
+                if value is not None and not self._broadcasts(value):
+                    self._add(value)
+            for value in node.outputs:
+                self._add(value)
+        elif op == "LayerNormalization" and node.attributes.get_int("axis", -1) in (-1, len(ins[0].shape or []) - 1):
+            self._add(ins[0])
+            for value in ins[1:3]:
+                if value is not None:
+                    self._add(value)
+            if len(node.outputs) > 1 and any(v.uses() or v.is_graph_output() for v in node.outputs[1:]):
+                raise _Unsupported("LayerNormalization's mean/inv-std outputs are used")
+            self._add(node.outputs[0])
+        elif op == "EmbedLayerNormalization" and (output is None or output is node.outputs[0]) and index not in (0, 1, 7, 8):
+            for value in ins[2:7]:  # word, position, segment tables (last axis), gamma, beta
+                if value is not None:
+                    self._add(value)
+            if len(node.outputs) > 2 and (node.outputs[2].uses() or node.outputs[2].is_graph_output()):
+                raise _Unsupported("EmbedLayerNormalization's embedding-sum output is used")
+            self._add(node.outputs[0])
+        elif op == "DynamicQuantizeLinear" and (output is None or output is node.outputs[0]):
+            self._add(ins[0])
+            self._add(node.outputs[0])
+        elif op == "BiasGelu":
+            self._add(ins[0])
+            self._add(ins[1])
+            self._add(node.outputs[0])
+        elif op == "Gather":
+            axis = node.attributes.get_int("axis", 0)
+            rank = len(ins[0].shape) if ins[0].shape is not None else None
+            if index == 1 or rank is None or axis % rank == rank - 1:
+                raise _Unsupported("a Gather along the permuted axis or of the permuted indices")
+            self._add(ins[0])
+            self._add(node.outputs[0])
+        elif op == "MatMulInteger":
+            weight = ins[1]
+            if _const(weight) is None or _const(weight).ndim != 2:
+                raise _Unsupported("MatMulInteger with a non-constant weight")
+            if output is not None:  # the group is its output: weight columns, weight zero points
+                self._permute(weight, 1)
+                if len(ins) > 3 and ins[3] is not None:
+                    self._permute_zero_point(ins[3])
+            elif index == 0:  # the group feeds it: weight rows
+                self._consumer(weight, node)
+            else:
+                raise _Unsupported("MatMulInteger reached through a zero point or its weight")
+        elif op == "QAttention" and index == 0:
+            weight = ins[1]
+            if _const(weight) is None or _const(weight).ndim != 2:
+                raise _Unsupported("QAttention with a non-constant weight")
+            self._consumer(weight, node)
+        elif op == "MatMul" and index == 0 and _const(ins[1]) is not None and _const(ins[1]).ndim == 2:
+            self._permute(ins[1], 0)  # fp32 consumer (a pooler): rows follow, no saturation involved
+        elif op == "MatMul" and output is not None and _const(ins[1]) is not None and _const(ins[1]).ndim == 2:
+            self._permute(ins[1], 1)
+        else:
+            raise _Unsupported(f"{op} node {node.name!r}")
+
+    def _permute_zero_point(self, value: ir.Value) -> None:
+        array = _const(value)
+        if array is not None and array.size > 1 and np.any(array != array.flat[0]):
+            self._permute(value, -1)  # all-equal zero points (symmetric weights) need no change
+
+    def _consumer(self, weight: ir.Value, node: ir.Node) -> None:
+        array = _const(weight)
+        if array.dtype != np.int8 or array.shape[0] != self.group.size:
+            raise _Unsupported(f"consumer weight {weight.name} is {array.dtype} {array.shape}")
+        self.group.consumers.append((weight, node))
+        self.group.permute[id(weight)] = (weight, 0)
+
+
+def _seeds(model: ir.Model) -> list[tuple[ir.Value, int | None]]:
+    """The activations that int8 weights consume, with their channel count (the weight's rows)."""
+    seeds = []
+    for node in model.graph.all_nodes():
+        if node.op_type in ("MatMulInteger", "QAttention") and node.inputs[0] is not None:
+            weight = _const(node.inputs[1])
+            seeds.append((node.inputs[0], None if weight is None or weight.ndim != 2 else int(weight.shape[0])))
+    return seeds
+
+
+def pair_cost(rows: np.ndarray, limit: int = LIMIT) -> np.ndarray:
+    """Excess over `limit` of the same-sign sums of every pair of rows: [K, K] (rows: int8 [K, N])."""
+    pos = np.maximum(rows.astype(np.int32), 0)
+    neg = np.maximum(-rows.astype(np.int32), 0)
+    cost = np.zeros((rows.shape[0], rows.shape[0]), np.int64)
+    for i in range(rows.shape[0]):
+        cost[i] = (np.maximum(pos[i] + pos - limit, 0) + np.maximum(neg[i] + neg - limit, 0)).sum(axis=1)
+    return cost
+
+
+def order_cost(rows: np.ndarray, order: np.ndarray, limit: int = LIMIT) -> tuple[int, int]:
+    """(#pairs that can saturate, total excess) of `rows` taken in `order` (int8 [K, N], K even)."""
+    pairs = rows[order].astype(np.int32).reshape(-1, 2, rows.shape[1])
+    pos, neg = np.maximum(pairs, 0).sum(axis=1), np.maximum(-pairs, 0).sum(axis=1)
+    excess = np.maximum(pos - limit, 0) + np.maximum(neg - limit, 0)
+    return int((excess > 0).sum()), int(excess.sum())
+
+
+def greedy_order(rows: np.ndarray, limit: int = LIMIT) -> np.ndarray:
+    """An order of the K rows (K even) whose neighbouring pairs (2i, 2i+1) add little excess over `limit`."""
+    k = rows.shape[0]
+    cost = pair_cost(rows, limit)
+    magnitude = np.abs(rows.astype(np.int32))
+    heaviness = np.maximum(magnitude - limit // 2, 0).sum(axis=1)
+    free = np.ones(k, bool)
+    order = []
+    for i in np.argsort(-heaviness, kind="stable"):
+        if not free[i]:
+            continue
+        free[i] = False
+        candidates = np.flatnonzero(free)
+        # Least excess; among equals, the lightest partner (keeps light rows for the heavy ones still to come).
+        best = candidates[np.lexsort((heaviness[candidates], cost[i, candidates]))[0]]
+        free[best] = False
+        order += [int(i), int(best)]
+    return np.asarray(order)
+
+
+def _apply(model: ir.Model, group: ChannelGroup, order: np.ndarray) -> None:
+    graph = model.graph
+    for value, axis in group.permute.values():
+        outside = [u for u in value.uses() if id(u.node) not in group.nodes]
+        array = np.take(value.const_value.numpy(), order, axis=axis)
+        if outside or value.is_graph_output():  # shared with nodes outside the group: give the group its own copy
+            own = ir.Value(name=f"{value.name}__paired", shape=value.shape, type=value.type,
+                           const_value=ir.Tensor(np.ascontiguousarray(array), name=f"{value.name}__paired"))
+            graph.register_initializer(own)
+            for use in list(value.uses()):
+                if id(use.node) in group.nodes:
+                    use.node.replace_input_with(use.idx, own)
+        else:
+            value.const_value = ir.Tensor(np.ascontiguousarray(array), name=value.name)
+    restore = np.argsort(order).astype(np.int64)
+    for out in group.outputs:
+        name = out.name
+        index = ir.Value(name=f"{name}__unpair", const_value=ir.Tensor(restore, name=f"{name}__unpair"),
+                         shape=ir.Shape([group.size]), type=ir.TensorType(ir.DataType.INT64))
+        graph.register_initializer(index)
+        # `out` stays the permuted tensor that the group's nodes use; a Gather restores the graph output.
+        out.name = f"{name}__paired"
+        gather = ir.Node("", "Gather", [out, index], attributes=[ir.AttrInt64("axis", -1)], name=f"{name}__unpair",
+                         num_outputs=1)
+        restored = gather.outputs[0]
+        restored.name, restored.shape, restored.type = name, out.shape, out.type
+        graph.insert_after(out.producer(), gather)
+        position = list(graph.outputs).index(out)
+        graph.outputs[position] = restored
+
+
+def pair_int8_weights(model: ir.Model, limit: int = LIMIT) -> list[str]:
+    """Rewrite `model` in place (see the module docstring); return one note per channel group."""
+    notes, seen = [], set()
+    for seed, size in _seeds(model):
+        if id(seed) in seen:
+            continue
+        if size is None or size % 2:
+            seen.add(id(seed))
+            notes.append(f"pairing: the channels of {seed.name} left as they are (a non-constant weight or an odd count)")
+            continue
+        try:
+            group = _Finder(seed, size).run()
+        except _Unsupported as why:
+            seen.add(id(seed))
+            notes.append(f"pairing: the channels of {seed.name} left as they are ({why})")
+            continue
+        seen |= group.values
+        if not group.consumers:
+            continue
+        rows = np.concatenate([value.const_value.numpy() for value, _ in group.consumers], axis=1)
+        identity = np.arange(size)
+        before = order_cost(rows, identity, limit)
+        order = greedy_order(rows, limit)
+        after = order_cost(rows, order, limit)
+        if after[1] >= before[1]:
+            notes.append(f"pairing: {seed.name} ({size} channels, {len(group.consumers)} int8 consumer(s)): kept the"
+                         f" order ({before[0]} pairs can saturate, no better order found)")
+            continue
+        _apply(model, group, order)
+        pairs = rows.shape[1] * size // 2
+        notes.append(f"pairing: {seed.name} ({size} channels, {len(group.consumers)} int8 consumer(s)): weight pairs"
+                     f" that can saturate on CPUs without VNNI {before[0]} -> {after[0]} of {pairs}")
+    return notes
