@@ -10,10 +10,14 @@ For each compiled output folder this runs its model.onnx both ways, in one proce
   * latency at batch 32 x seq 128 (and batch 1), 2 threads, interleaved rounds with the settle pause
     (compiler.benchmark.rotating_rounds), as medians and the exact/default ratio.
 
+With ``--paired`` it also runs each model after compiler.lowering.pairing (the exact reordering of int8 weight
+rows that compiles since that lowering step do themselves; for outputs lowered before it) with the default kernel:
+its fidelity, and its latency in the same rounds.
+
 It also checks the kernel itself: one DynamicQuantizeMatMul whose neighbouring weights are large and of the same
 sign, against exact integer arithmetic (relative error 0 on a VNNI machine, large where the kernel saturates).
 
-    python bench/saturation.py [OUT_DIR ...] [--rounds32 9] [--rounds1 30] [--threads 2]
+    python bench/saturation.py [OUT_DIR ...] [--paired] [--rounds32 9] [--rounds1 30] [--threads 2]
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--rounds32", type=int, default=9)
     parser.add_argument("--rounds1", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paired", action="store_true", help="also the model after compiler.lowering.pairing")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -120,21 +125,33 @@ def main() -> None:
     for folder in args.folders:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         path = with_own_zero_points(folder / "model.onnx", tmp)
-        sessions = {exact: session(path, args.threads, {OPTION: "1" if exact else "0"}) for exact in (False, True)}
+        variants = {"default": (path, "0"), "exact": (path, "1")}
+        if args.paired:
+            import onnx_ir as ir
+
+            from compiler.lowering.pairing import pair_int8_weights
+
+            model = ir.load(path)
+            for note in pair_int8_weights(model):
+                print(f"{folder.name}: {note}")
+            ir.save(model, tmp / f"{folder.name}-paired.onnx")
+            variants["paired"] = (tmp / f"{folder.name}-paired.onnx", "0")
+        sessions = {name: session(p, args.threads, {OPTION: exact}) for name, (p, exact) in variants.items()}
         row = {"model": folder.name}
-        for exact, sess in sessions.items():
+        for name, sess in sessions.items():
             names = {i.name for i in sess.get_inputs()}
-            emb = compare.embed(lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})[0],
+            emb = compare.embed(lambda feeds, s=sess, n=names: s.run(None, {k: v for k, v in feeds.items() if k in n})[0],
                                 tokenizer, texts)
-            row["exact" if exact else "default"] = compare.fidelity(emb, reference)
+            row[name] = compare.fidelity(emb, reference)
         for batch, rounds in ((32, args.rounds32), (1, args.rounds1)):
             feeds = synthetic_batch(batch, compare.SEQ, vocab_size(folder))
-            runs = {exact: (lambda s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()}))
-                    for exact, sess in sessions.items()}
+            runs = {name: (lambda s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()}))
+                    for name, sess in sessions.items()}
             seconds = rotating_rounds(runs, rounds=rounds, settle=SETTLE_SECONDS)
-            default_ms, exact_ms = (1000 * statistics.median(seconds[e]) for e in (False, True))
-            row[f"b{batch}"] = {"default_ms": round(default_ms, 2), "exact_ms": round(exact_ms, 2),
-                                "exact_over_default": round(exact_ms / default_ms, 3)}
+            ms = {name: 1000 * statistics.median(seconds[name]) for name in sessions}
+            row[f"b{batch}"] = {f"{name}_ms": round(value, 2) for name, value in ms.items()}
+            row[f"b{batch}"].update({f"{name}_over_default": round(value / ms["default"], 3)
+                                     for name, value in ms.items() if name != "default"})
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nfidelity on {label} against PyTorch fp32; latency at seq {compare.SEQ}, {args.threads} threads")
@@ -145,7 +162,14 @@ def main() -> None:
         print(f"| {r['model']} | {d['cosine']:.4f} | {e['cosine']:.4f} | {d['overlap10']:.3f} | {e['overlap10']:.3f} | "
               f"{r['b32']['default_ms']:.1f} | {r['b32']['exact_ms']:.1f} | {r['b32']['exact_over_default']:.2f}x | "
               f"{r['b1']['exact_over_default']:.2f}x |")
-
+    if args.paired:
+        print("\npaired (compiler.lowering.pairing), default kernel:")
+        print("| model | cosine default | cosine paired | cosine exact | overlap default | overlap paired | paired/default b32 | paired/default b1 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            d, q, e = r["default"], r["paired"], r["exact"]
+            print(f"| {r['model']} | {d['cosine']:.4f} | {q['cosine']:.4f} | {e['cosine']:.4f} | {d['overlap10']:.3f} | "
+                  f"{q['overlap10']:.3f} | {r['b32']['paired_over_default']:.3f}x | {r['b1']['paired_over_default']:.3f}x |")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,145 @@
+"""compiler.lowering.pairing: int8 weight rows reordered against u8 x s8 saturation, exactly."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.lowering import QuantizeSpec, lower_to_onnx
+from compiler.lowering.pairing import LIMIT, greedy_order, order_cost, pair_cost, pair_int8_weights
+from compiler.lowering.verify import padded_batch, pooled_cosine
+from tests.test_lowering import MINILM, INPUTS, example_inputs, tiny_bert, trace
+
+
+def _session(path, exact: bool = False):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if exact:  # u8 x u8 kernels: no 16-bit pair sums, so the row order cannot matter
+        options.add_session_config_entry("session.x64quantprecision", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(path, feed, exact: bool = False) -> list[np.ndarray]:
+    return _session(path, exact).run(None, feed)
+
+
+def _feed(batch) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def _saturable(path) -> int:
+    """Pairs (2i, 2i+1) of int8 weight rows, per output column, whose same-sign magnitudes add up past LIMIT."""
+    model = ir.load(path)
+    total = 0
+    for node in model.graph.all_nodes():
+        if node.op_type in ("MatMulInteger", "QAttention") and node.inputs[1].const_value is not None:
+            total += order_cost(node.inputs[1].const_value.numpy(), np.arange(node.inputs[1].shape[0]))[0]
+    return total
+
+
+def test_greedy_order_avoids_a_saturating_pair():
+    rows = np.zeros((6, 3), np.int8)
+    rows[0, 0], rows[1, 0] = 100, 90  # neighbours in the given order: 190 > 128 can saturate
+    rows[2, 1], rows[3, 1] = -120, -60
+    rows[4, 2], rows[5, 2] = 5, -3
+    assert order_cost(rows, np.arange(6)) == (2, (190 - LIMIT) + (180 - LIMIT))
+    order = greedy_order(rows)
+    assert sorted(order) == list(range(6))
+    assert order_cost(rows, order) == (0, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_greedy_order_is_a_permutation_and_costs_what_pair_cost_says(half, columns, seed):
+    rows = np.random.default_rng(seed).integers(-127, 128, (2 * half, columns)).astype(np.int8)
+    order = greedy_order(rows)
+    assert sorted(order.tolist()) == list(range(2 * half))
+    cost = pair_cost(rows)
+    assert (cost == cost.T).all() and order_cost(rows, order)[1] == sum(
+        cost[order[2 * i], order[2 * i + 1]] for i in range(half))
+
+
+def test_pairing_is_exact_and_keeps_the_interface(tmp_path):
+    model = tiny_bert(seed=5)
+    for layer in model.encoder.layer:  # wide weights, so that the given order has pairs that can saturate
+        layer.intermediate.dense.weight.data.normal_(0, 1)
+        layer.output.dense.weight.data.normal_(0, 1)
+    kw = example_inputs()
+    res = lower_to_onnx(trace(model, kw), kw, tmp_path, quantize=QuantizeSpec())
+    paired = tmp_path / "paired.onnx"
+    ir_model = ir.load(res.model_path)
+    notes = pair_int8_weights(ir_model)
+    ir.save(ir_model, paired)
+    assert any("-> " in note for note in notes), notes
+    assert _saturable(paired) < _saturable(res.model_path)
+
+    feed = _feed(padded_batch(example_inputs(batch=3, seq=17)))
+    plain_session, paired_session = _session(res.model_path), _session(paired)
+    assert [(o.name, o.shape) for o in paired_session.get_outputs()] == [(o.name, o.shape) for o in plain_session.get_outputs()]
+    assert [i.name for i in paired_session.get_inputs()] == [i.name for i in plain_session.get_inputs()]
+    # Exact integer products: the rewrite is the same function, up to float summation order.
+    for plain, new in zip(_run(res.model_path, feed, exact=True), _run(paired, feed, exact=True)):
+        assert np.abs(plain - new).max() < 1e-4
+
+
+def test_a_weight_shared_across_layers_stays_shared(tmp_path):
+    model = tiny_bert(seed=6)
+    model.encoder.layer[1].output.dense.weight = model.encoder.layer[0].output.dense.weight  # as share-layers does
+    kw = example_inputs()
+    res = lower_to_onnx(trace(model, kw), kw, tmp_path, quantize=QuantizeSpec())
+    ir_model = ir.load(res.model_path)
+    before = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values())
+    notes = pair_int8_weights(ir_model)
+    after = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values())
+    assert after - before <= 8 * 64 + 1024, notes  # the restoring index and small shared biases only, no weight
+    assert any("shared weight" in note for note in notes), notes
+
+
+@pytest.mark.minilm
+@pytest.mark.skipif(not os.path.isdir(MINILM), reason="all-MiniLM-L6-v2 weights not installed")
+def test_minilm_pairing_removes_most_saturation_and_keeps_fidelity(tmp_path):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from compiler.calibration import load_texts
+
+    model, tok = AutoModel.from_pretrained(MINILM).eval(), AutoTokenizer.from_pretrained(MINILM)
+    example = tok(["A small dog runs across the park.", "Quantization keeps the meaning."], padding=True,
+                  return_tensors="pt")
+    kw = {k: example[k] for k in INPUTS}
+    res = lower_to_onnx(trace(model, kw), kw, tmp_path, quantize=QuantizeSpec())
+    paired = tmp_path / "paired.onnx"
+    ir_model = ir.load(res.model_path)
+    notes = pair_int8_weights(ir_model)
+    ir.save(ir_model, paired)
+    ffn = [n for n in notes if "1536 channels" in n]
+    assert len(ffn) == 6, notes  # every FFN's intermediate activation
+    for note in ffn:
+        before, after = (int(x) for x in note.split("VNNI ")[1].split(" of")[0].split(" -> "))
+        assert after < 0.2 * before
+    assert any("384 channels, 13 int8 weight(s)" in n for n in notes), notes  # the hidden stream: q/k/v, FFN, pooler
+    assert _saturable(paired) < 0.85 * _saturable(res.model_path)
+
+    # End to end, an int8 network amplifies any perturbation: LayerNorm sums the permuted channels in another
+    # float order (~1e-6), which flips the uint8 rounding of an activation here and there, and later layers
+    # quantize the difference again. So compare what users see, fidelity to PyTorch fp32 on real text.
+    enc = tok(load_texts("builtin:python-docs")[:64], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    feed = {k: enc[k].numpy() for k in INPUTS}
+    with torch.no_grad():
+        reference = model(**{k: enc[k] for k in INPUTS}).last_hidden_state.numpy()
+
+    def fidelity(path, exact):
+        return float(pooled_cosine(_run(path, feed, exact)[0], reference, feed["attention_mask"]).mean())
+
+    plain_exact, paired_exact = fidelity(res.model_path, True), fidelity(paired, True)
+    assert abs(paired_exact - plain_exact) < 0.002  # the same function, up to that rounding noise
+    # The default kernel: closer to fp32 on CPUs without VNNI (it saturates less), the same within noise elsewhere.
+    assert fidelity(paired, False) >= fidelity(res.model_path, False) - 0.002
