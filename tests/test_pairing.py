@@ -85,9 +85,11 @@ def test_pairing_is_exact_and_keeps_the_interface(tmp_path):
     plain_session, paired_session = _session(res.model_path), _session(paired)
     assert [(o.name, o.shape) for o in paired_session.get_outputs()] == [(o.name, o.shape) for o in plain_session.get_outputs()]
     assert [i.name for i in paired_session.get_inputs()] == [i.name for i in plain_session.get_inputs()]
-    # Exact integer products: the rewrite is the same function, up to float summation order.
+    # Exact integer products: the rewrite computes the same integers, so the same floats.
     for plain, new in zip(_run(res.model_path, feed, exact=True), _run(paired, feed, exact=True)):
-        assert np.abs(plain - new).max() < 1e-4
+        assert np.abs(plain - new).max() <= 1e-6
+    assert any("graph output" in note for note in notes), notes  # the hidden stream: left, no restoring op
+    assert len(ir.load(paired).graph) == len(ir.load(res.model_path).graph)
 
 
 def test_a_weight_shared_across_layers_stays_shared(tmp_path):
@@ -105,7 +107,7 @@ def test_a_weight_shared_across_layers_stays_shared(tmp_path):
 
 @pytest.mark.minilm
 @pytest.mark.skipif(not os.path.isdir(MINILM), reason="all-MiniLM-L6-v2 weights not installed")
-def test_minilm_pairing_removes_most_saturation_and_keeps_fidelity(tmp_path):
+def test_minilm_pairing_removes_most_ffn_saturation_and_keeps_the_function(tmp_path):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -125,21 +127,17 @@ def test_minilm_pairing_removes_most_saturation_and_keeps_fidelity(tmp_path):
     for note in ffn:
         before, after = (int(x) for x in note.split("VNNI ")[1].split(" of")[0].split(" -> "))
         assert after < 0.2 * before
-    assert any("384 channels, 13 int8 weight(s)" in n for n in notes), notes  # the hidden stream: q/k/v, FFN, pooler
-    assert _saturable(paired) < 0.85 * _saturable(res.model_path)
+    assert any("graph output last_hidden_state" in n for n in notes), notes  # the hidden stream stays
 
-    # End to end, an int8 network amplifies any perturbation: LayerNorm sums the permuted channels in another
-    # float order (~1e-6), which flips the uint8 rounding of an activation here and there, and later layers
-    # quantize the difference again. So compare what users see, fidelity to PyTorch fp32 on real text.
     enc = tok(load_texts("builtin:python-docs")[:64], padding=True, truncation=True, max_length=64, return_tensors="pt")
     feed = {k: enc[k].numpy() for k in INPUTS}
+    for plain, new in zip(_run(res.model_path, feed, exact=True), _run(paired, feed, exact=True)):
+        assert np.abs(plain - new).max() <= 1e-6  # the same integers, so the same function
     with torch.no_grad():
         reference = model(**{k: enc[k] for k in INPUTS}).last_hidden_state.numpy()
 
-    def fidelity(path, exact):
-        return float(pooled_cosine(_run(path, feed, exact)[0], reference, feed["attention_mask"]).mean())
+    def fidelity(path):
+        return float(pooled_cosine(_run(path, feed)[0], reference, feed["attention_mask"]).mean())
 
-    plain_exact, paired_exact = fidelity(res.model_path, True), fidelity(paired, True)
-    assert abs(paired_exact - plain_exact) < 0.002  # the same function, up to that rounding noise
-    # The default kernel: closer to fp32 on CPUs without VNNI (it saturates less), the same within noise elsewhere.
-    assert fidelity(paired, False) >= fidelity(res.model_path, False) - 0.002
+    # The default kernel: closer to fp32 on CPUs without VNNI (it saturates less), the same on CPUs with it.
+    assert fidelity(paired) >= fidelity(res.model_path) - 1e-6
