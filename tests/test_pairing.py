@@ -141,3 +141,28 @@ def test_minilm_pairing_removes_most_ffn_saturation_and_keeps_the_function(tmp_p
 
     # The default kernel: closer to fp32 on CPUs without VNNI (it saturates less), the same on CPUs with it.
     assert fidelity(paired) >= fidelity(res.model_path) - 1e-6
+
+
+def test_a_compile_of_the_flagship_form_pairs_the_ffn_and_the_word_table_rank(tmp_path, tiny_dir):
+    """The flagship's lowering path (factorized int8 word table, int8 linears), end to end through the CLI."""
+    import json
+
+    from compiler.cli import main
+    from tests.conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, f"""
+model: {tiny_dir}
+calibration: {{samples: 16, validation_samples: 8, max_length: 32, batch_size: 8}}
+budget: {{min: 0.5}}
+passes:
+  - low-rank: {{target: embeddings, rank: 16}}
+  - quantize-linear: {{dtype: int8}}
+  - quantize-embeddings: {{dtype: int8}}
+""")
+    out = tmp_path / "out"
+    assert main(["compile", str(recipe), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    notes = [n for n in report["lowering"]["notes"] if n.startswith("pairing:")]
+    assert any("(16 channels, 1 int8 weight(s))" in n for n in notes), notes  # the word table's rank
+    assert sum("(64 channels, 1 int8 weight(s))" in n for n in notes) == 2, notes  # each layer's FFN
+    assert report["final_check"]["passed"]
