@@ -6,13 +6,14 @@ temporary folder is a hidden sibling of the target (same filesystem, so the move
 Ctrl-C (SIGINT) during a compile stops it at the next safe point rather than wherever Python
 happens to be. Raised asynchronously, the KeyboardInterrupt landed in places that could not take it:
 inside a ``__del__`` or weakref callback, where Python prints it as "ignored" and the compile went on
-to commit its output (the likely cause of a rare CI failure); inside torch's dispatcher called back from C++ during the cost
-model's fake-tensor run, where it aborted the process (SIGABRT, "terminate called after throwing an
-instance of 'pybind11::error_already_set'"); inside an import, leaving numpy half-imported. So under
-:func:`interrupts_remembered` the first Ctrl-C only sets a flag (and says so on stderr);
-:func:`raise_if_interrupted` turns it into a KeyboardInterrupt at the safe points (every pass-manager
-event, including each step of a long pass, around tracing and lowering, and first thing in
-:func:`commit`). A second Ctrl-C raises at once, except during the two renames of a commit.
+to commit its output (the likely cause of a rare CI failure); inside torch's dispatcher, called back
+from C++ while the cost model interpreted the graph, where it aborted the process (SIGABRT,
+"terminate called after throwing an instance of 'pybind11::error_already_set'"); inside an import,
+leaving numpy half-imported. So under :func:`interrupts_remembered` the first Ctrl-C only sets a flag
+(and says so on stderr); :func:`raise_if_interrupted` turns it into a KeyboardInterrupt at the safe
+points (every pass-manager event, including each step of a long pass, around tracing and lowering,
+and first thing in :func:`commit`). A second Ctrl-C raises at once, except during the two renames of
+a commit.
 """
 
 from __future__ import annotations

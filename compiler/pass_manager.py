@@ -94,8 +94,8 @@ class PassManager:
         self.reference_outputs = run_batches(hidden_states(reference), calibration.heldout_batches)
 
     def emit(self, event: str, **payload) -> None:
-        # Every event (a pass starting, a long pass's progress) is also where a Ctrl-C whose
-        # KeyboardInterrupt was swallowed inside a library stops the compile (compiler.output).
+        # Every event (a pass starting, each step of a long pass) is a safe point where a Ctrl-C
+        # stops the compile (compiler.output).
         raise_if_interrupted()
         for instrument in self.instruments:
             instrument(event, payload)

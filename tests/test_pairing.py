@@ -83,7 +83,10 @@ def test_pairing_is_exact_and_keeps_the_interface(tmp_path):
 
     feed = _feed(padded_batch(example_inputs(batch=3, seq=17)))
     plain_session, paired_session = _session(res.model_path), _session(paired)
-    assert [(o.name, o.shape) for o in paired_session.get_outputs()] == [(o.name, o.shape) for o in plain_session.get_outputs()]
+    def interface(sess):
+        return [(o.name, o.shape) for o in sess.get_outputs()]
+
+    assert interface(paired_session) == interface(plain_session)
     assert [i.name for i in paired_session.get_inputs()] == [i.name for i in plain_session.get_inputs()]
     # Exact integer products: the rewrite computes the same integers, so the same floats.
     for plain, new in zip(_run(res.model_path, feed, exact=True), _run(paired, feed, exact=True)):
@@ -166,3 +169,25 @@ passes:
     assert any("(16 channels, 1 int8 weight(s))" in n for n in notes), notes  # the word table's rank
     assert sum("(64 channels, 1 int8 weight(s))" in n for n in notes) == 2, notes  # each layer's FFN
     assert report["final_check"]["passed"]
+
+
+def test_a_small_constant_shared_by_three_groups_gets_one_copy_each(tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(7)
+    model = BertModel(BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=64)).eval()
+    for layer in model.encoder.layer:
+        layer.intermediate.dense.weight.data.normal_(0, 1)  # pairs that can saturate, so both FFN groups are paired
+        layer.intermediate.dense.bias.data.zero_()  # byte-identical: the writer keeps one initializer for both
+    kw = example_inputs()
+    res = lower_to_onnx(trace(model, kw), kw, tmp_path, quantize=QuantizeSpec())
+    ir_model = ir.load(res.model_path)
+    notes = pair_int8_weights(ir_model)
+    assert sum("(128 channels" in n and "-> " in n for n in notes) == 3, notes
+    paired = tmp_path / "paired.onnx"
+    ir.save(ir_model, paired)
+    feed = _feed(padded_batch(example_inputs(batch=3, seq=17)))
+    for plain, new in zip(_run(res.model_path, feed, exact=True), _run(paired, feed, exact=True)):
+        assert np.abs(plain - new).max() <= 1e-6

@@ -148,7 +148,8 @@ class _Finder:
             if len(node.outputs) > 1 and any(v.uses() or v.is_graph_output() for v in node.outputs[1:]):
                 raise _Unsupported("LayerNormalization's mean/inv-std outputs are used")
             self._add(node.outputs[0])
-        elif op == "EmbedLayerNormalization" and (output is None or output is node.outputs[0]) and index not in (0, 1, 7, 8):
+        elif (op == "EmbedLayerNormalization" and (output is None or output is node.outputs[0])
+              and index not in (0, 1, 7, 8)):  # reached through its embedding output, not ids, mask or positions
             for value in ins[2:7]:  # word, position, segment tables (last axis), gamma, beta
                 if value is not None:
                     self._add(value)
@@ -284,8 +285,10 @@ def _apply(model: ir.Model, group: ChannelGroup, order: np.ndarray) -> None:
         outside = [u for u in value.uses() if id(u.node) not in group.nodes]
         array = np.take(value.const_value.numpy(), order, axis=axis)
         if outside or value.is_graph_output():  # a small constant shared beyond the group: the group gets a copy
-            own = ir.Value(name=f"{value.name}__paired", shape=value.shape, type=value.type,
-                           const_value=ir.Tensor(np.ascontiguousarray(array), name=f"{value.name}__paired"))
+            name = next(f"{value.name}__paired{n}" for n in range(len(graph.initializers) + 1)
+                        if f"{value.name}__paired{n}" not in graph.initializers)
+            own = ir.Value(name=name, shape=value.shape, type=value.type,
+                           const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
             graph.register_initializer(own)
             for use in list(value.uses()):
                 if id(use.node) in group.nodes:
