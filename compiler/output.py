@@ -4,16 +4,17 @@ A compile killed at any point leaves either the previous output or nothing, neve
 temporary folder is a hidden sibling of the target (same filesystem, so the move is a rename).
 
 Ctrl-C (SIGINT) during a compile stops it at the next safe point rather than wherever Python
-happens to be. Raised asynchronously, the KeyboardInterrupt landed in places that could not take it:
-inside a ``__del__`` or weakref callback, where Python prints it as "ignored" and the compile went on
-to commit its output (the likely cause of a rare CI failure); inside torch's dispatcher, called back
-from C++ while the cost model interpreted the graph, where it aborted the process (SIGABRT,
-"terminate called after throwing an instance of 'pybind11::error_already_set'"); inside an import,
-leaving numpy half-imported. So under :func:`interrupts_remembered` the first Ctrl-C only sets a flag
-(and says so on stderr); :func:`raise_if_interrupted` turns it into a KeyboardInterrupt at the safe
-points (every pass-manager event, including each step of a long pass, around tracing and lowering,
-and first thing in :func:`commit`). A second Ctrl-C raises at once, except during the two renames of
-a commit.
+happens to be. Raised asynchronously, a KeyboardInterrupt can land where it cannot be handled: a
+sweep of the signal's timing over a small compile found it aborting the process inside torch's
+dispatcher, called back from C++ while the cost model interpreted the graph (SIGABRT, "terminate
+called after throwing an instance of 'pybind11::error_already_set'"), and leaving numpy half-imported;
+and inside a ``__del__`` or weakref callback Python prints it as "ignored" and carries on, which would
+let the compile commit. So under :func:`interrupts_remembered` the first Ctrl-C only sets a flag (and
+says so on stderr); :func:`raise_if_interrupted` turns it into a KeyboardInterrupt at the safe points
+(every pass-manager event, including each step of a long pass, around tracing and lowering, and first
+thing in :func:`commit`). A second Ctrl-C raises at once, except during the two renames of a commit.
+A process that started with SIGINT ignored (a background job of a non-interactive shell) keeps
+ignoring it, as Python itself does.
 """
 
 from __future__ import annotations
@@ -87,9 +88,11 @@ def _on_sigint(signum, frame) -> None:
 def interrupts_remembered():
     """Run a compile with a SIGINT handler that also remembers the interrupt (see the module docstring).
 
-    Outside the main thread (where Python cannot install signal handlers) this changes nothing.
+    Outside the main thread (where Python cannot install signal handlers), or when SIGINT is ignored,
+    this changes nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if threading.current_thread() is not threading.main_thread() or ignored:
         yield
         return
     previous = signal.signal(signal.SIGINT, _on_sigint)

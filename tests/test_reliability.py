@@ -29,6 +29,24 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """In the child: SIGINT back to its default, which Python then turns into KeyboardInterrupt.
+
+    A test run started as a background job of a non-interactive shell (CI scripts do this) ignores SIGINT, and
+    children inherit that; a compile that ignores SIGINT rightly finishes. That, not a race, failed this test
+    once in a CI run launched that way.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture()
+def sigint_default():
+    """This process's SIGINT as at a terminal for the test (see _sigint_as_at_a_terminal), restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
 def test_killed_compile_leaves_the_previous_output_untouched(tmp_path, tiny_dir, signum):
     recipe = _recipe(tmp_path, tiny_dir)
@@ -36,7 +54,8 @@ def test_killed_compile_leaves_the_previous_output_untouched(tmp_path, tiny_dir,
     assert main(["compile", str(recipe), "--out", str(out)]) == 0
     before = _snapshot(out)
     proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "compile", str(recipe), "--out", str(out), "--force"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     # Kill it once it is past tracing, while it is running passes or lowering (a staging folder exists). Waiting for
     # the staged model.onnx instead left too small a window on a loaded machine: the compile could commit first.
     deadline = time.time() + 120
@@ -54,10 +73,10 @@ def test_killed_compile_leaves_the_previous_output_untouched(tmp_path, tiny_dir,
 
 
 class _SwallowsInterrupt:
-    """Collected at once; the Ctrl-C it sends itself is raised inside ``__del__``, where Python ignores exceptions.
+    """Collected at once; the Ctrl-C it sends itself would be raised inside ``__del__``, where Python ignores it.
 
-    That is what happened in CI: a SIGINT whose KeyboardInterrupt landed in some library object's finalizer
-    during lowering, so the compile carried on and committed its output.
+    A KeyboardInterrupt that lands in some library object's finalizer is lost that way; the compile would
+    carry on and commit its output.
     """
 
     def __del__(self):
@@ -67,7 +86,7 @@ class _SwallowsInterrupt:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_swallowed_interrupt_still_stops_the_commit(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_a_swallowed_interrupt_still_stops_the_commit(tmp_path, tiny_dir, monkeypatch, capsys, sigint_default):
     import compiler.compile as compile_module
 
     recipe = _recipe(tmp_path, tiny_dir)
@@ -88,7 +107,8 @@ def test_a_swallowed_interrupt_still_stops_the_commit(tmp_path, tiny_dir, monkey
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the compile's handler is gone again
 
 
-def test_an_interrupt_during_the_onnx_export_waits_for_it_then_stops(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_an_interrupt_during_the_onnx_export_waits_for_it_then_stops(tmp_path, tiny_dir, monkeypatch, capsys,
+                                                                    sigint_default):
     import compiler.lowering as lowering
 
     recipe = _recipe(tmp_path, tiny_dir)
@@ -112,7 +132,7 @@ def test_an_interrupt_during_the_onnx_export_waits_for_it_then_stops(tmp_path, t
     assert not list(tmp_path.glob(".out.*"))
 
 
-def test_the_first_ctrl_c_waits_for_a_safe_point_and_the_second_stops_at_once():
+def test_the_first_ctrl_c_waits_for_a_safe_point_and_the_second_stops_at_once(sigint_default):
     from compiler.output import interrupts_remembered, raise_if_interrupted
 
     with interrupts_remembered():
@@ -127,6 +147,22 @@ def test_the_first_ctrl_c_waits_for_a_safe_point_and_the_second_stops_at_once():
                 pass
     raise_if_interrupted()  # outside a compile there is nothing to remember
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_compile_that_started_with_sigint_ignored_keeps_ignoring_it():
+    from compiler.output import interrupts_remembered, raise_if_interrupted
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a non-interactive shell
+    try:
+        with interrupts_remembered():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+            raise_if_interrupted()  # nothing was noted
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_killed_first_compile_leaves_nothing(tmp_path, tiny_dir):
