@@ -131,7 +131,7 @@ def test_int8_model_loads_with_the_exact_u8u8_option(tiny, tmp_path):
     # On x86 without VNNI, users switch ONNX Runtime to exact u8 x u8 products (no 16-bit saturation) with this
     # session option; it converts each node's int8 weight and zero point and used to fail on byte-identical
     # zero points once the writer deduplicated them ("Attempt to replace the existing tensor").
-    import onnxruntime as ort
+    from compiler.runtime import session
 
     model, gm, kw = tiny
     res = lower_to_onnx(gm, kw, tmp_path, quantize=QuantizeSpec())
@@ -141,11 +141,9 @@ def test_int8_model_loads_with_the_exact_u8u8_option(tiny, tmp_path):
         node.input[i] for node in proto.graph.node for i in ZERO_POINT_INPUTS.get(node.op_type, ())
         if i < len(node.input) and node.input[i] in initializers)
     assert zero_point_uses and max(zero_point_uses.values()) == 1
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.x64quantprecision", "1")
-    session = ort.InferenceSession(str(res.model_path), options, providers=["CPUExecutionProvider"])
+    exact = session(res.model_path, 2, {"session.x64quantprecision": "1"})
     x = _check_inputs()
-    cos = pooled_cosine(ort_outputs(session, x), torch_outputs(model, x), x["attention_mask"].numpy())
+    cos = pooled_cosine(ort_outputs(exact, x), torch_outputs(model, x), x["attention_mask"].numpy())
     assert cos.min() > 0.98
 
 

@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,15 +15,13 @@ from hypothesis import strategies as st
 from compiler.lowering import QuantizeSpec, lower_to_onnx
 from compiler.lowering.pairing import LIMIT, greedy_order, order_cost, pair_cost, pair_int8_weights
 from compiler.lowering.verify import padded_batch, pooled_cosine
+from compiler.runtime import session
 from tests.test_lowering import MINILM, INPUTS, example_inputs, tiny_bert, trace
 
 
 def _session(path, exact: bool = False):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    if exact:  # u8 x u8 kernels: no 16-bit pair sums, so the row order cannot matter
-        options.add_session_config_entry("session.x64quantprecision", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # exact: u8 x u8 kernels, no 16-bit pair sums, so the row order cannot matter
+    return session(path, 2, {"session.x64quantprecision": "1"} if exact else None)
 
 
 def _run(path, feed, exact: bool = False) -> list[np.ndarray]:

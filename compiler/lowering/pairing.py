@@ -333,11 +333,11 @@ def pair_int8_weights(model: ir.Model, limit: int = LIMIT) -> list[str]:
     return notes
 
 
-def pair_file(path) -> list[str]:
-    """Pair the int8 weights of the ONNX model at `path` in place; return the notes."""
+def pair_file(path) -> tuple[list[str], ir.Model]:
+    """Pair the int8 weights of the ONNX model at `path` in place; return the notes and the model as written."""
     from .io import save_model
 
     model = ir.load(path)
     notes = pair_int8_weights(model)
     save_model(model, path)
-    return notes
+    return notes, model
