@@ -1,13 +1,16 @@
-"""Distillation throughput on the flagship's student: random batches against length-grouped ones (`bucket`).
+"""Distillation throughput on the flagship's student: one distill setting against another.
 
 Builds the student of recipes/minilm-fast-h12.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
 a rank-128 word table), then runs the same distillation (batch 16, max length 64, lr 5e-4, layer-wise +
-attention losses, int8-aware) with `bucket: false` and `bucket: true`, alternating, --repeats times
-each. Prints seconds per step (median over repeats), the share of computed tokens that were padding,
+attention losses, int8-aware) both ways, alternating, --repeats times each:
+  * ``--compare bucket`` (default): random batches (`bucket: false`) against length-grouped ones (`bucket: true`);
+  * ``--compare compile``: length-grouped batches in eager PyTorch against the same through torch.compile
+    (`compile: true`); compile-time is in s/step and left out of the steady s/step (after the first 50 steps).
+Prints seconds per step (median over repeats), the share of computed tokens that were padding,
 and held-out fidelity after training (the flagship's 256 held-out WordNet glosses, fp32 graph against
-the original): bucketing must buy speed, not lose fidelity. One run, ratios within it.
+the original): a faster setting must buy speed, not lose fidelity. One run, ratios within it.
 
-    python bench/distill_throughput.py [--steps 400] [--repeats 2] [--threads 2]
+    python bench/distill_throughput.py [--compare bucket|compile] [--steps 400] [--repeats 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", choices=("bucket", "compile"), default="bucket")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -56,30 +60,36 @@ def main() -> None:
                "texts": "builtin:wordnet", "samples": 100_000, "layer_map": "kept", "qat": True,
                "losses": {"output": 1.0, "hidden": 1.0, "attention": 1.0}, "monitor_every": 10 * args.steps}
     runs: dict[bool, list[dict]] = {False: [], True: []}
+    if args.compare == "compile":
+        options["bucket"] = True
+    labels = {"bucket": ("random", "length-grouped"), "compile": ("eager", "torch.compile")}[args.compare]
     load_before = os.getloadavg()
     started = time.perf_counter()
     for repeat in range(args.repeats):
-        for bucket in ((False, True) if repeat % 2 == 0 else (True, False)):
+        for setting in ((False, True) if repeat % 2 == 0 else (True, False)):
             gm = copy.deepcopy(student)
-            details = run_pass("distill", {**options, "bucket": bucket}, gm, loaded, calibration).details
+            details = run_pass("distill", {**options, args.compare: setting}, gm, loaded, calibration).details
             cosine = compare(reference, run_batches(hidden_states(gm), heldout), heldout).cosine
-            runs[bucket].append({"s_per_step": details["seconds_per_step"], "padding": details["padding_share"],
-                                 "cosine": cosine})
-            print(f"  repeat {repeat + 1}: bucket {str(bucket).lower():5s} {details['seconds_per_step']:.3f} s/step,"
-                  f" padding {details['padding_share']:.1%}, held-out cosine {cosine:.4f}", flush=True)
+            steady = details.get("seconds_per_step_steady", details["seconds_per_step"])
+            runs[setting].append({"s_per_step": details["seconds_per_step"], "steady": steady,
+                                  "padding": details["padding_share"], "cosine": cosine})
+            print(f"  repeat {repeat + 1}: {labels[setting]:14s} {details['seconds_per_step']:.3f} s/step"
+                  f" ({steady:.3f} steady), padding {details['padding_share']:.1%}, held-out cosine {cosine:.4f}", flush=True)
 
     print(f"\nflagship student (cosine {before:.4f} before distillation), {args.steps} steps of 16 WordNet glosses,"
           f" {args.threads} thread(s), {args.repeats} alternating repeats; load average before / after:"
           f" {[round(x, 1) for x in load_before]} / {[round(x, 1) for x in os.getloadavg()]};"
           f" whole run {time.perf_counter() - started:.0f} s")
-    print(f"{'batches':>15} | {'s/step (median)':>15} | {'padding':>7} | {'held-out cosine':>15}")
-    medians = {}
-    for bucket, label in ((False, "random"), (True, "length-grouped")):
-        rows = runs[bucket]
-        medians[bucket] = statistics.median(r["s_per_step"] for r in rows)
-        print(f"{label:>15} | {medians[bucket]:15.3f} | {statistics.mean(r['padding'] for r in rows):7.1%} |"
-              f" {statistics.mean(r['cosine'] for r in rows):15.4f}")
-    print(f"steps per hour, length-grouped / random: {medians[False] / medians[True]:.2f}x")
+    print(f"{args.compare:>15} | {'s/step (median)':>15} | {'steady s/step':>13} | {'padding':>7} | {'held-out cosine':>15}")
+    medians, steady = {}, {}
+    for setting in (False, True):
+        rows = runs[setting]
+        medians[setting] = statistics.median(r["s_per_step"] for r in rows)
+        steady[setting] = statistics.median(r["steady"] for r in rows)
+        print(f"{labels[setting]:>15} | {medians[setting]:15.3f} | {steady[setting]:13.3f} |"
+              f" {statistics.mean(r['padding'] for r in rows):7.1%} | {statistics.mean(r['cosine'] for r in rows):15.4f}")
+    print(f"steps per hour, {labels[True]} / {labels[False]}: {medians[False] / medians[True]:.2f}x"
+          f" ({steady[False] / steady[True]:.2f}x after the first {50} steps)")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ def _progress_instrument(event: str, payload: dict) -> None:
         info = "  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in payload.items() if key not in ("name", "step", "total"))
         _bar["progress"].update(_bar["task"], completed=payload.get("step", 0), info=info)
+    elif event == "pass_replayed":
+        console.print(f"      replaying its stored result (the same inputs took {payload['original_seconds']:.0f}s"
+                      " when it ran; --fresh runs it again)", markup=False)
     elif event == "pass_end":
         if _bar:
             _bar.pop("progress").stop()
@@ -75,7 +78,8 @@ def cmd_compile(args) -> int:
             status.update(message)
             console.print(f"  {message}", markup=False)
         result = compile_recipe(recipe, out, allow_pickle=args.allow_pickle,
-                                instruments=[_progress_instrument], progress=progress, force=args.force)
+                                instruments=[_progress_instrument], progress=progress, force=args.force,
+                                fresh=args.fresh)
     report = result.report
     if result.up_to_date:
         console.print(f"bertpress: {out} is up to date (same model, recipe, calibration text and versions;"
@@ -216,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default out/<recipe name>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; only for trusted models")
     p.add_argument("--force", action="store_true", help="rebuild even if the output folder is up to date")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every pass: do not replay (or store) distill results from the pass store"
+                        " (~/.cache/bertpress/passes; BERTPRESS_PASS_STORE=off disables it)")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("validate", help="check a recipe without compiling it")
     p.add_argument("recipe")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, cache as build_cache, cost_model, report as report_io
+from . import __version__, cache as build_cache, cost_model, pass_store, report as report_io
 from .calibration import prepare_calibration
 from .errors import CheckFailed
 from .frontend import CARRIED_FILES, LoadedModel, example_inputs, load_model, trace
@@ -87,7 +87,7 @@ def _int4_weights(final, hints: dict, structure) -> tuple[dict | None, bool]:
 
 
 def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False, instruments=None,
-                   progress=None, force: bool = False) -> CompileResult:
+                   progress=None, force: bool = False, fresh: bool = False) -> CompileResult:
     from .lowering import lower_to_onnx
 
     say = progress or (lambda message: None)
@@ -129,7 +129,11 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         "passes": [], "lowering": None, "final_check": None, "failure": None,
         "cache": {"key": key, "inputs": cache_inputs},
     }
-    manager = PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config, pooling, instruments)
+    # Weights-only passes (distill) replay a stored result computed from the same inputs; --fresh runs them all.
+    store_root = None if fresh else pass_store.store_root()
+    store = pass_store.PassStore(store_root, cache_inputs["model"]) if store_root is not None else None
+    manager = PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config, pooling, instruments,
+                          store=store)
     point = settings.cost
     reference_cost = cost_model.estimate(gm, batch=point.batch, seq=point.seq, component_of=structure_before.node_component,
                                          machine=manager.machine)

@@ -25,9 +25,9 @@ from .validation import pool
 
 
 def _straight_through_weight_int8(weight: torch.Tensor) -> torch.Tensor:
-    from passes.quantize_linear import fake_quant_weight_int8
+    from passes.quantize_linear import round_weight_int8
 
-    return weight + (fake_quant_weight_int8(weight) - weight).detach()
+    return weight + (round_weight_int8(weight) - weight).detach()
 
 
 def _straight_through_activation_uint8(x: torch.Tensor) -> torch.Tensor:

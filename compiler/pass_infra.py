@@ -147,6 +147,12 @@ class Pass:
     # False for a pass whose gain the single-graph cost model cannot see (decouple-attention pays off
     # through its cached split form), so the manager does not roll it back as one that "does not pay".
     judged_by_cost: ClassVar[bool] = True
+    # A pass whose only effect is new values for parameters the graph already has (same graph, same
+    # parameter names and shapes, no lowering hints, no input map), e.g. distill. The manager keeps such
+    # a result in the pass store (compiler.pass_store), keyed by everything the pass reads, and replays it
+    # on a later compile instead of running the pass again. The pass must then read nothing else: files
+    # named in its config go into the key only through config fields whose names end in "texts".
+    weights_only: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         self.config = config

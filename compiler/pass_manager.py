@@ -22,7 +22,9 @@ from . import cost_model, roofline
 from .calibration import CalibrationData, tokenize_batches
 from .errors import BertpressError, CheckFailed, PassRefused
 from .output import raise_if_interrupted
-from .pass_infra import InputMap, Pass, PassContext, get_pass
+from .graph_edit import set_parameter
+from .pass_infra import InputMap, Pass, PassContext, PassResult, get_pass
+from .pass_store import PassStore, Stored
 from .recipe import Recipe
 from .structure import BertStructure, analyze
 from .validation import compare, hidden_states, run_batches
@@ -45,6 +47,8 @@ class PassRecord:
     cost_after: dict | None = None
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # Weights-only passes: whether the result was replayed from or written to the pass store (compiler.pass_store).
+    store: dict[str, Any] | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,8 +84,10 @@ Instrument = Callable[[str, dict], None]  # (event, payload): progress display, 
 
 class PassManager:
     def __init__(self, recipe: Recipe, calibration: CalibrationData, reference: torch.nn.Module, tokenizer,
-                 model_config, pooling: str = "mean", instruments: list[Instrument] | None = None):
+                 model_config, pooling: str = "mean", instruments: list[Instrument] | None = None,
+                 store: PassStore | None = None):
         self.recipe = recipe
+        self.store = store
         self.calibration = calibration
         self.reference = reference
         self.tokenizer = tokenizer
@@ -198,8 +204,11 @@ class PassManager:
                           lowering=copy.deepcopy(state.lowering), seed=self.recipe.file.calibration.seed,
                           base_dir=self.recipe.base_dir,
                           progress=lambda **info: self.emit("pass_progress", name=instance.name, **info))
+        key, replay = self._stored(instance, state, ctx, record)
+        began = time.perf_counter()
         try:
-            result = instance.run(state.gm, ctx)
+            result = _replay(state.gm, replay) if replay is not None else instance.run(state.gm, ctx)
+            ran_seconds = time.perf_counter() - began
         except PassRefused as refusal:  # the user's to fix (a config this model cannot take): exit 2
             raise PassRefused(refusal.message, file=self.recipe.source, field=f"passes[{record.index}].{record.name}",
                               fix=refusal.fix) from None
@@ -266,7 +275,30 @@ class PassManager:
                     f"the pass does not pay: estimated latency {before['latency_ms']:.2f} -> {after['latency_ms']:.2f} ms"
                     f" at batch {before['batch']} x seq {before['seq']} with no bytes saved ({before['bytes']:,} -> {after['bytes']:,})")
         record.status = "applied"
+        if key is not None and replay is None:
+            path, note = self.store.save(key, instance, snapshot, result, ran_seconds)
+            record.store = {**(record.store or {}), "action": "stored" if path else "not stored", "key": key,
+                            "note": note, **({"path": str(path)} if path else {})}
         return candidate
+
+    def _stored(self, instance: Pass, state: CompileState, ctx: PassContext,
+                record: PassRecord) -> tuple[str | None, Stored | None]:
+        """The store key of a weights-only pass, and its stored result when there is one that fits."""
+        if self.store is None or not instance.weights_only:
+            return None, None
+        try:
+            key = self.store.key(instance, state.gm, ctx)
+        except Exception as exc:  # the store is an optimization: without a key the pass simply runs
+            record.store = {"action": "ran", "problem": f"no store key: {type(exc).__name__}: {exc}"}
+            return None, None
+        replay, problem = self.store.load(key, state.gm)
+        if replay is not None:
+            record.store = {"action": "replayed", "key": key, "path": str(replay.path), "stored_at": replay.created,
+                            "original_seconds": round(replay.seconds, 3)}
+            self.emit("pass_replayed", name=instance.name, original_seconds=replay.seconds)
+        elif problem:
+            record.store = {"action": "ran", "key": key, "problem": problem}
+        return key, replay
 
     def _exact_error(self, snapshot, state: CompileState, candidate: CompileState, input_map: InputMap | None,
                      record: PassRecord):
@@ -296,6 +328,13 @@ class PassManager:
 
 # Lowering hints keyed by a name inside (output files, embedding tables), merged entry by entry.
 MERGED_BY_NAME = ("files", "config", "embedding_precision", "int4_weights")
+
+
+def _replay(gm: torch.fx.GraphModule, stored: Stored) -> PassResult:
+    """A weights-only pass's stored result applied to the graph it was computed from."""
+    for name, tensor in stored.tensors.items():
+        set_parameter(gm, name, tensor)
+    return PassResult(gm, modified=True, details=stored.details)
 
 
 def _merge(old: dict, new: dict) -> dict:

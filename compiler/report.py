@@ -51,6 +51,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         params = f"{before.get('parameters', 0) / 1e6:.1f}M -> {after.get('parameters', 0) / 1e6:.1f}M" if after else "-"
         flops = f"{before.get('flops', 0) / 1e9:.1f} -> {after.get('flops', 0) / 1e9:.1f} G" if after else "-"
         status = rec["status"] + (f" ({rec['reason']})" if rec.get("reason") else "")
+        if (rec.get("store") or {}).get("action") == "replayed":
+            status += f" (replayed from the pass store; running it took {rec['store']['original_seconds']:.0f} s)"
         lines.append(f"| {rec['index']} | {rec['name']} | {rec['kind']} | {status} | {cos} | {err} | {params} | {flops} | {rec['seconds']} |")
     lowering = report.get("lowering")
     if lowering:

@@ -67,6 +67,10 @@ class PassRow(_Open):
     cost_after: Cost | None
     details: dict[str, Any] = Field(description="Facts the pass reported (what it removed, chose, ...).")
     seconds: float = Field(ge=0)
+    store: dict[str, Any] | None = Field(
+        None, description="Weights-only passes (distill) and the pass store: action 'replayed' (a stored result computed"
+        " from the same inputs was applied; original_seconds is what running it took), 'stored', 'not stored' (note says"
+        " why), or 'ran' (problem says why a stored entry was unusable); key is the SHA-256 of the pass's inputs.")
 
 
 class Lowering(_Open):

@@ -43,6 +43,14 @@ INT4_DEFAULTS = {"block_size": 32, "method": "gptq", "symmetric": False, "clip_s
 _ROUNDED_WEIGHTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
+def round_weight_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The rounding of fake_quant_weight_int8 without its cache (training changes the weights at every step,
+    and the cache's id/version lookups would stop torch.compile from capturing the training graph)."""
+    with torch.no_grad():
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+
+
 @simulated_op
 def fake_quant_weight_int8(weight: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 per output channel, as ONNX Runtime's per-channel weight quantization.
@@ -53,9 +61,7 @@ def fake_quant_weight_int8(weight: torch.Tensor) -> torch.Tensor:
     hit = _ROUNDED_WEIGHTS.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    with torch.no_grad():
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        rounded = torch.clamp(torch.round(weight / scale), -127, 127) * scale
+    rounded = round_weight_int8(weight)
     if type(rounded) is torch.Tensor:  # not under FakeTensorMode (the cost model's shape pass)
         _ROUNDED_WEIGHTS[key] = (weakref.ref(weight, lambda _, key=key: _ROUNDED_WEIGHTS.pop(key, None)),
                                  weight._version, rounded)

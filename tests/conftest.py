@@ -36,9 +36,11 @@ def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, heads: in
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Tests never read or write the user's cache (~/.cache/bertpress): a roofline measured while the suite
-    loads the machine would otherwise be read back by later real compiles, and theirs would leak into tests."""
+    loads the machine would otherwise be read back by later real compiles, and theirs would leak into tests.
+    The pass store is off, so no test replays another's distillation; tests/test_pass_store.py turns it on."""
     patch = pytest.MonkeyPatch()
     patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    patch.setenv("BERTPRESS_PASS_STORE", "off")
     yield
     patch.undo()
 
