@@ -159,8 +159,22 @@ def _reusable(recipe, out: Path) -> dict | None:
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    ok = report.get("status") == "ok" and report.get("recipe_digest") == recipe.digest() and (out / "model.onnx").is_file()
+    ok = report.get("status") == "ok" and (out / "model.onnx").is_file() and (
+        report.get("recipe_digest") == recipe.digest() or _same_recipe_today(report.get("recipe"), recipe))
     return report if ok else None
+
+
+def _same_recipe_today(built: dict | None, recipe) -> bool:
+    """The build's normalized recipe, read by today's schema, equals ``recipe``: a build made before an option
+    with a default existed (distill's compile: false) is a build of the same recipe."""
+    from compiler.recipe import load_recipe_text
+
+    if not isinstance(built, dict):
+        return False
+    try:
+        return load_recipe_text(json.dumps(built), base_dir=recipe.base_dir).digest() == recipe.digest()
+    except Exception:
+        return False
 
 
 def compile_all(out_root: Path, reuse: bool, only: list[str] | None = None) -> dict[str, dict]:
