@@ -21,11 +21,40 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 _bar: dict = {}  # the live progress bar of a long pass (e.g. distill), while it runs
+_logged: dict = {}  # the same pass's progress as log lines, when stderr is not a terminal
+
+
+def _progress_info(payload: dict) -> str:
+    return "  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in payload.items() if key not in ("name", "step", "total"))
+
+
+def _log_progress(payload: dict) -> None:
+    """A long pass's progress in a log (CI, ``> file``), where a live bar draws nothing until it ends: one
+    plain line per tenth of the pass, with the elapsed time and a linear estimate of the time left."""
+    step, total = payload.get("step", 0), payload.get("total")
+    now = time.monotonic()
+    if _logged.get("name") != payload["name"] or step < _logged.get("step", 0):
+        _logged.clear()
+        _logged.update(name=payload["name"], started=now, step=0, tenth=0)
+    _logged["step"] = step
+    if not total:
+        return
+    tenth = min(10, step * 10 // total)
+    if tenth <= _logged["tenth"]:
+        return
+    _logged["tenth"] = tenth
+    elapsed = now - _logged["started"]
+    left = elapsed / step * (total - step) if step else 0.0
+    console.print(f"      {payload['name']} {step}/{total} ({100 * step // total}%)  {_progress_info(payload)}"
+                  f"  {elapsed / 60:.1f} min, about {left / 60:.1f} min left", markup=False)
 
 
 def _progress_instrument(event: str, payload: dict) -> None:
     if event == "pass_start":
         console.print(f"  [{payload['index'] + 1}/{payload['total']}] {payload['name']} ...")
+    elif event == "pass_progress" and not console.is_terminal:
+        _log_progress(payload)
     elif event == "pass_progress":
         if not _bar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -35,13 +64,12 @@ def _progress_instrument(event: str, payload: dict) -> None:
                                         console=console, transient=True)
             _bar["progress"].start()
             _bar["task"] = _bar["progress"].add_task(payload["name"], total=payload.get("total"), info="")
-        info = "  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                         for key, value in payload.items() if key not in ("name", "step", "total"))
-        _bar["progress"].update(_bar["task"], completed=payload.get("step", 0), info=info)
+        _bar["progress"].update(_bar["task"], completed=payload.get("step", 0), info=_progress_info(payload))
     elif event == "pass_replayed":
         console.print(f"      replaying its stored result (the same inputs took {payload['original_seconds']:.0f}s"
                       " when it ran; --fresh runs it again)", markup=False)
     elif event == "pass_end":
+        _logged.clear()
         if _bar:
             _bar.pop("progress").stop()
             _bar.clear()

@@ -296,15 +296,35 @@ def test_minilm_distill_heals_two_dropped_layers(minilm):
     assert after > before + 0.01, (before, after)
 
 
-def test_cli_draws_a_progress_bar_for_pass_progress_and_closes_it_at_pass_end():
+def test_cli_draws_a_progress_bar_for_pass_progress_and_closes_it_at_pass_end(monkeypatch):
     from compiler import cli
     from compiler.pass_manager import PassRecord
+
+    monkeypatch.setattr(cli.console, "_force_terminal", True)
 
     cli._progress_instrument("pass_progress", {"name": "distill", "step": 1, "total": 2, "loss": 0.5, "fidelity": 0.9})
     assert cli._bar["progress"].tasks[0].completed == 1 and "loss 0.5000" in cli._bar["progress"].tasks[0].fields["info"]
     record = PassRecord(0, "distill", {}, "lossy", status="applied", checks={"cosine": 0.95, "cosine_before": 0.9})
     cli._progress_instrument("pass_end", {"record": record})
     assert cli._bar == {}
+
+
+def test_cli_logs_a_line_per_tenth_of_a_long_pass_when_stderr_is_not_a_terminal(capsys):
+    # In CI or `> file` a live bar shows nothing until the pass ends; a 90-minute distill must still say how far it is.
+    from compiler import cli
+    from compiler.pass_manager import PassRecord
+
+    assert not cli.console.is_terminal
+    for step in range(1, 41):
+        cli._progress_instrument("pass_progress", {"name": "distill", "step": step, "total": 40, "loss": 0.5,
+                                                   "fidelity": 0.9})
+    record = PassRecord(0, "distill", {}, "lossy", status="applied", checks={"cosine": 0.95, "cosine_before": 0.9})
+    cli._progress_instrument("pass_end", {"record": record})
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines()]
+    progress = [line for line in lines if line.startswith("distill ")]
+    assert [line.split()[1] for line in progress] == [f"{4 * k}/40" for k in range(1, 11)]
+    assert "(100%)" in progress[-1] and "loss 0.5000" in progress[-1] and "min left" in progress[-1]
+    assert lines[-1].startswith("applied") and cli._bar == {} and cli._logged == {}
 
 
 def test_packing_joins_short_texts_into_sequences_of_about_max_length(tiny3):
