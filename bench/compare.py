@@ -337,7 +337,8 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
     lines = ["# bertpress vs peers on all-MiniLM-L6-v2 (written by bench/compare.py)", "",
              f"Command: `{command}`", "",
              f"{context['environment']}. Load average before / after: {context['load_before']} / {context['load_after']}"
-             f" (2 shared cores; other engineers' jobs were running). Whole run {context['seconds'] / 60:.1f} min"
+             f" ({os.cpu_count()} cores; a 1-minute load average near the thread count means other jobs shared them)."
+             f" Whole run {context['seconds'] / 60:.1f} min"
              f" (compiles {context['compile_seconds'] / 60:.1f} min of it).", "",
              f"Latency: seq {SEQ}, {context['threads']} intra-op threads, synthetic token ids (all attended), interleaved"
              f" rounds: {context['rounds1']} at batch 1, {context['rounds32']} at batch 32 (each round runs every model once,"

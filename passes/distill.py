@@ -89,8 +89,8 @@ class DistillConfig(PassConfig):
     qat: bool = Field(False, description="Train with int8-simulated linears (straight-through), for a quantize-linear that comes after distill.")
     monitor_every: int = Field(50, ge=1, description="Steps between fidelity measurements on a monitor slice of the training texts.")
     compile: bool = Field(False, description="Run the student's and the teacher's forward and backward through torch.compile"
-                          " (Inductor, dynamic shapes; needs a C++ compiler): about 1.4x more steps per hour on the flagship's"
-                          " student (bench/distill_throughput.py --compile), after a compile of a few minutes at the first steps.")
+                          " (Inductor, dynamic shapes; needs a C++ compiler): about 1.3x more steps per hour on a long run"
+                          " (bench/distill_throughput.py --compare compile), after a compile of about a minute at the first steps.")
 
     @model_validator(mode="after")
     def _pack_or_bucket(self):
