@@ -386,7 +386,7 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
             f" {row['docs_cosine']:.4f} | {row['docs_overlap10']:.3f} |")
     failed = {n: r for n, r in recipes.items() if r["status"] != "ok"}
     for name, rec in failed.items():
-        lines.append(f"| recipe {name}: {rec['status']} | - | - | - | - | - | - | - | - | - |")
+        lines.append(f"| recipe {name}: {rec['status']} | - | - | - | - | - | - | - | - | - | - | - |")
     lines += [""]
     for name, rec in recipes.items():
         how = ("reused an earlier build (--reuse)" if rec.get("reused") else "up to date" if rec.get("up_to_date")

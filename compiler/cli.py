@@ -36,7 +36,7 @@ def _log_progress(payload: dict) -> None:
     now = time.monotonic()
     if _logged.get("name") != payload["name"] or step < _logged.get("step", 0):
         _logged.clear()
-        _logged.update(name=payload["name"], started=now, step=0, tenth=0)
+        _logged.update(name=payload["name"], started=now, first=step, step=0, tenth=0)
     _logged["step"] = step
     if not total:
         return
@@ -45,7 +45,8 @@ def _log_progress(payload: dict) -> None:
         return
     _logged["tenth"] = tenth
     elapsed = now - _logged["started"]
-    left = elapsed / step * (total - step) if step else 0.0
+    done = step - _logged["first"]  # steps timed since the first report (the clock starts there)
+    left = elapsed / done * (total - step) if done > 0 else 0.0
     console.print(f"      {payload['name']} {step}/{total} ({100 * step // total}%)  {_progress_info(payload)}"
                   f"  {elapsed / 60:.1f} min, about {left / 60:.1f} min left", markup=False)
 
