@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from compiler.calibration import prepare_calibration  # noqa: E402
 from compiler.frontend import example_inputs, load_model, trace  # noqa: E402
 from compiler.validation import compare, hidden_states, run_batches  # noqa: E402
+from passes.distill import WARM_STEPS  # noqa: E402
 from tests.helpers import run_pass  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def main() -> None:
         print(f"{labels[setting]:>15} | {medians[setting]:15.3f} | {steady[setting]:13.3f} |"
               f" {statistics.mean(r['padding'] for r in rows):7.1%} | {statistics.mean(r['cosine'] for r in rows):15.4f}")
     print(f"steps per hour, {labels[True]} / {labels[False]}: {medians[False] / medians[True]:.2f}x"
-          f" ({steady[False] / steady[True]:.2f}x after the first {50} steps)")
+          f" ({steady[False] / steady[True]:.2f}x after the first {WARM_STEPS} steps)")
 
 
 if __name__ == "__main__":
