@@ -63,27 +63,49 @@ def heldout_texts(tokenizer, max_length: int) -> tuple[list[str], str]:
     return data.heldout_texts, f"{len(data.heldout_texts)} {cal.texts} texts (seed {cal.seed}, the held-out slice of {FLAGSHIP.name})"
 
 
-def other_domain_texts(tokenizer, max_length: int, names: list[str], count: int = 256, seed: int = 0) -> tuple[list[str], str]:
-    """Python-documentation texts (another domain than the WordNet glosses the flagship family calibrates and
-    distills on) that none of the recipes ``names`` calibrates on: their calibration samples are left out
-    (all of them together can leave fewer than ``count``: minilm-small calibrates on most of the 1569 texts)."""
+def _pass_text_sources(name: str) -> set[str]:
+    """Every text source the passes of recipe ``name`` train or choose on (distill, prune-vocab, ...: their ``*texts``)."""
+    recipe = load_recipe(str(ROOT / "recipes" / f"{name}.yaml"))
+    sources: set[str] = set()
+    for step in recipe.steps:
+        for key, value in step.config.model_dump().items():
+            if key.endswith("texts") and value is not None:
+                sources.update([value] if isinstance(value, str) else value)
+    return sources
+
+
+def other_domain_texts(tokenizer, max_length: int, names: list[str], source: str, what: str, count: int = 256,
+                       seed: int = 0) -> tuple[list[str], str]:
+    """``count`` texts of ``source`` (another domain than the WordNet glosses the flagship family calibrates on) that
+    none of the recipes ``names`` calibrates on: their calibration samples are left out (all of them together can
+    leave fewer than ``count``: minilm-small calibrates on most of the 1569 Python-docs texts), and so is any text
+    that also occurs in a corpus a recipe's passes train on (two docstring sentences are also Python-docs sentences)."""
     import random
 
     from compiler.calibration import load_texts
 
     seen: set[str] = set()
+    trained_on: list[str] = []
+    training: set[str] = set()
     for name in names:
         cal = load_recipe(str(ROOT / "recipes" / f"{name}.yaml")).file.calibration
-        if cal.texts == "builtin":
+        if cal.texts == source or (source == "builtin:python-docs" and cal.texts == "builtin"):
             seen.update(prepare_calibration(tokenizer, source=cal.texts, samples=cal.samples,
                                             validation_samples=cal.validation_samples, max_length=cal.max_length,
                                             batch_size=cal.batch_size, seed=cal.seed, model_max_length=max_length).texts)
-    pool = [text for text in dict.fromkeys(load_texts("builtin")) if text not in seen]
+        for other in sorted(_pass_text_sources(name)):
+            if other == source or (source == "builtin:python-docs" and other == "builtin"):
+                trained_on.append(name)
+            else:
+                training.add(other)
+    for other in sorted(training):
+        seen.update(load_texts(other, ROOT / "recipes"))
+    pool = [text for text in dict.fromkeys(load_texts(source)) if text not in seen]
     texts = random.Random(seed).sample(pool, min(count, len(pool)))
-    label = (f"{len(texts)} Python-documentation texts (builtin, seed {seed}) outside the calibration sample of every"
-             " recipe in this run")
-    if "minilm-distill" in names:
-        label += " (recipes/minilm-distill.yaml also trains on Python docs, so it may have seen them)"
+    label = (f"{len(texts)} {what} ({source}, seed {seed}) outside the calibration sample of every recipe in this run"
+             " and outside every corpus their passes train on")
+    for name in sorted(set(trained_on)):
+        label += f" (recipes/{name}.yaml trains on {source}, so it may have seen them)"
     return texts, label
 
 
@@ -371,11 +393,12 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
              " workers stop spinning); medians, and ratios of the plain fp32 export's median to each model's.",
              f"Fidelity: {context['heldout']}, against PyTorch fp32 (mean-pooled): mean cosine, and top-10 neighbour overlap"
              " (per text, the share of its 10 nearest neighbours in the sample that both embeddings agree on).",
-             f"Another domain (columns 'docs'): the same two measures on {context['docs']}.",
+             f"Other domains (columns 'docs' and 'fortunes'): the same two measures on {context['docs']}; and on"
+             f" {context['fortunes']}.",
              "Size: bytes on disk of the model file(s) (ONNX file; PyTorch: saved state dict).", "",
              "| model | size MB | smaller | b1 median ms | b1 speedup | b32 median ms | b32 speedup | est. b32 ms | cosine | top-10 overlap"
-             " | docs cosine | docs top-10 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | docs cosine | docs top-10 | fortunes cosine | fortunes top-10 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     plain = next(r for r in rows if r["name"] == "plain fp32 ONNX export")
     for row in rows:
         est = row.get("estimated_ms")
@@ -383,10 +406,11 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
             f"| {row['name']} | {row['bytes'] / 1e6:.1f} | {plain['bytes'] / row['bytes']:.1f}x | {row['b1_ms']:.2f} |"
             f" {plain['b1_ms'] / row['b1_ms']:.2f}x | {row['b32_ms']:.0f} | {plain['b32_ms'] / row['b32_ms']:.2f}x |"
             f" {'-' if est is None else f'{est:.0f}'} | {row['cosine']:.4f} | {row['overlap10']:.3f} |"
-            f" {row['docs_cosine']:.4f} | {row['docs_overlap10']:.3f} |")
+            f" {row['docs_cosine']:.4f} | {row['docs_overlap10']:.3f} | {row['fortunes_cosine']:.4f} |"
+            f" {row['fortunes_overlap10']:.3f} |")
     failed = {n: r for n, r in recipes.items() if r["status"] != "ok"}
     for name, rec in failed.items():
-        lines.append(f"| recipe {name}: {rec['status']} | - | - | - | - | - | - | - | - | - | - | - |")
+        lines.append(f"| recipe {name}: {rec['status']} | - | - | - | - | - | - | - | - | - | - | - | - | - |")
     lines += [""]
     for name, rec in recipes.items():
         how = ("reused an earlier build (--reuse)" if rec.get("reused") else "up to date" if rec.get("up_to_date")
@@ -429,10 +453,13 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
         for label, value, goal, unit in checks:
             lines.append(f"| {label} | {value:.3f}{unit} | >= {goal}{unit} | {'yes' if value >= goal else 'no'} |")
         peer = next((r for r in rows if r["name"].startswith("peer:")), None)
-        lines += ["", f"On another domain (Python documentation, never calibrated or trained on): cosine"
+        lines += ["", "On other domains, never calibrated or trained on: Python documentation, cosine"
                   f" {flagship['docs_cosine']:.4f} and top-10 overlap {flagship['docs_overlap10']:.3f}"
                   + (f" (peer pipeline: {peer['docs_cosine']:.4f} and {peer['docs_overlap10']:.3f})" if peer else "")
-                  + ". The targets are set on the WordNet slice; this shows how far the distillation's domain carries."]
+                  + f"; fortunes, cosine {flagship['fortunes_cosine']:.4f} and top-10 overlap"
+                  f" {flagship['fortunes_overlap10']:.3f}"
+                  + (f" (peer pipeline: {peer['fortunes_cosine']:.4f} and {peer['fortunes_overlap10']:.3f})" if peer else "")
+                  + ". The targets are set on the WordNet slice; these show how far the distillation's text carries."]
     report = (recipes.get("minilm-fast") or {}).get("report")
     if report:
         lines += ["", "Where the flagship's fidelity went (held-out cosine of the recipe's own check after each pass, the same"
@@ -494,8 +521,11 @@ def main() -> None:
     tokenizer, model = loaded.tokenizer, loaded.model.eval()
     texts, heldout_label = heldout_texts(tokenizer, loaded.max_length)
     reference = embed(torch_run(model), tokenizer, texts)
-    docs, docs_label = other_domain_texts(tokenizer, loaded.max_length, sorted(recipes))
-    docs_reference = embed(torch_run(model), tokenizer, docs)
+    others = {"docs": other_domain_texts(tokenizer, loaded.max_length, sorted(recipes), "builtin:python-docs",
+                                         "Python-documentation texts"),
+              "fortunes": other_domain_texts(tokenizer, loaded.max_length, sorted(recipes), "builtin:fortunes",
+                                             "Debian fortunes (quotations and sayings)")}
+    other_references = {key: embed(torch_run(model), tokenizer, texts) for key, (texts, _) in others.items()}
 
     # name -> (latency runner, fidelity embeddings, bytes, estimated ms)
     variants: dict[str, dict] = {}
@@ -533,8 +563,9 @@ def main() -> None:
         for name, variant in variants.items():
             print(f"[compare] fidelity of {name}", flush=True)
             variant.update(fidelity(embed(variant["run"], variant["tokenizer"], texts), reference))
-            other = fidelity(embed(variant["run"], variant["tokenizer"], docs), docs_reference)
-            variant.update(docs_cosine=other["cosine"], docs_overlap10=other["overlap10"])
+            for key, (other_texts, _) in others.items():
+                other = fidelity(embed(variant["run"], variant["tokenizer"], other_texts), other_references[key])
+                variant.update({f"{key}_cosine": other["cosine"], f"{key}_overlap10": other["overlap10"]})
 
         vocab = min([int(loaded.config.vocab_size)] + [v.get("vocab", 10**9) for v in variants.values()])
         runs = {name: v["run"] for name, v in variants.items()}
@@ -548,14 +579,15 @@ def main() -> None:
                      "roofline": variant.get("roofline"), "architecture": variant.get("architecture"),
                      "b1_ms": 1e3 * statistics.median(timings[1][name]), "b32_ms": 1e3 * statistics.median(timings[32][name]),
                      "cosine": variant["cosine"], "overlap10": variant["overlap10"],
-                     "docs_cosine": variant["docs_cosine"], "docs_overlap10": variant["docs_overlap10"]})
+                     **{f"{key}_{measure}": variant[f"{key}_{measure}"] for key in others
+                        for measure in ("cosine", "overlap10")}})
     inspected = [] if args.skip_inspect else run_inspect(args.out_root, args.threads)
     machine = roofline.machine(args.threads)
     env = environment()
     context = {"environment": f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}, {machine.cpu}",
                "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
                "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds, "threads": args.threads,
-               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": heldout_label, "docs": docs_label,
+               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": heldout_label, "docs": others["docs"][1], "fortunes": others["fortunes"][1],
                "machine": _roofline_label(machine.as_dict())}
     write_results(args.results, context, rows, recipes, inspected, command)
     (args.results.with_suffix(".json")).write_text(json.dumps(

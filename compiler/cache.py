@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .calibration import BUILTIN_CORPORA, WORDNET_DIR
+from .calibration import BUILTIN_CORPORA, FORTUNES_DIR, WORDNET_DIR
 from .frontend import resolve_model_path
 from .pass_infra import get_pass
 from .recipe import Recipe
@@ -54,10 +54,12 @@ def model_digest(spec: str) -> str:
 
 
 def calibration_digest(source: str, base_dir: Path | None) -> str:
-    """Digest of the calibration text's bytes; Python's own docs are covered by the Python version."""
+    """Digest of the calibration text's bytes; Python's own docs and docstrings are covered by the Python version."""
     if source in BUILTIN_CORPORA:
         if source.startswith("builtin:wordnet") and WORDNET_DIR.is_dir():  # glosses and pairs
             return _hash_files(_tree_files(WORDNET_DIR), WORDNET_DIR)
+        if source == "builtin:fortunes" and FORTUNES_DIR.is_dir():
+            return _hash_files(_tree_files(FORTUNES_DIR), FORTUNES_DIR)
         return source
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir is not None:

@@ -3,10 +3,15 @@
 The builtin corpus is real prose that ships with Python itself (the reference-manual topics in
 ``pydoc_data``), so the main command works offline. WordNet's glosses (Debian package
 ``wordnet-base``) are a second, broader corpus of another domain, used as held-out text in benches.
+Two more broaden distillation or measure fidelity away from it: the docstrings of Python's standard
+library (technical prose that also ships with Python, written apart from the reference manual: two of
+its sentences appear among the 1,569 of ``builtin:python-docs``) and the Debian package ``fortunes``
+(quotations, jokes and sayings on some forty subjects: everyday English far from both).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -18,28 +23,34 @@ import torch
 from .errors import CalibrationError
 
 WORDNET_DIR = Path("/usr/share/wordnet")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
 _WORDS = re.compile(r"[A-Za-z]")
+
+
+def _prose_paragraphs(document: str) -> list[list[str]]:
+    """The prose paragraphs of a plain-text document, each as its list of kept sentences (6-80 words, mostly letters)."""
+    paragraphs: list[list[str]] = []
+    for paragraph in re.split(r"\n\s*\n", document):
+        lines = paragraph.splitlines()
+        # Indented paragraphs are code samples or grammar productions, not prose.
+        if not lines or lines[0].startswith((" ", "\t", ">>>")) or set(lines[-1].strip()) <= set("*=-~^"):
+            continue
+        text = " ".join(line.strip() for line in lines)
+        sentences = []
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+            words = sentence.split()
+            if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+                sentences.append(sentence)
+        paragraphs.append(sentences)
+    return paragraphs
 
 
 def _python_docs_paragraphs() -> list[list[str]]:
     """Prose paragraphs of Python's reference documentation, each as its list of kept sentences."""
     import pydoc_data.topics
 
-    paragraphs: list[list[str]] = []
-    for topic in sorted(pydoc_data.topics.topics):
-        for paragraph in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic]):
-            lines = paragraph.splitlines()
-            # Indented paragraphs are code samples or grammar productions, not prose.
-            if not lines or lines[0].startswith((" ", "\t", ">>>")) or set(lines[-1].strip()) <= set("*=-~^"):
-                continue
-            text = " ".join(line.strip() for line in lines)
-            sentences = []
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-                words = sentence.split()
-                if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
-                    sentences.append(sentence)
-            paragraphs.append(sentences)
-    return paragraphs
+    return [sentences for topic in sorted(pydoc_data.topics.topics)
+            for sentences in _prose_paragraphs(pydoc_data.topics.topics[topic])]
 
 
 def python_docs_texts() -> list[str]:
@@ -50,6 +61,60 @@ def python_docs_texts() -> list[str]:
 def python_docs_pairs() -> list[tuple[str, str]]:
     """Sentence pairs (a sentence, the next one in its paragraph) for two-segment inputs."""
     return [pair for paragraph in _python_docs_paragraphs() for pair in zip(paragraph, paragraph[1:])]
+
+
+# Test suites, demos and GUI code: their docstrings are about the code around them, not documentation.
+_DOCSTRING_SKIP = {"test", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo", "tests"}
+
+
+def python_docstrings_texts() -> list[str]:
+    """Sentences of the docstrings in Python's standard library sources (modules, classes, functions), in file order."""
+    return list(_python_docstrings())
+
+
+@functools.cache
+def _python_docstrings() -> tuple[str, ...]:
+    # Parsing the whole standard library takes 10-40 s, and a compile reads the corpus once per pass that names it.
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    for path in sorted(stdlib.rglob("*.py")):
+        if _DOCSTRING_SKIP & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few files are deliberately broken (bad-syntax fixtures) or not UTF-8
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    texts += [sentence for paragraph in _prose_paragraphs(doc) for sentence in paragraph]
+    return tuple(texts)
+
+
+def fortunes_texts() -> list[str]:
+    """The entries of the Debian package ``fortunes`` (one text each, whitespace joined, attribution lines dropped)."""
+    if not FORTUNES_DIR.is_dir():
+        raise CalibrationError(
+            f"the fortunes are not installed ({FORTUNES_DIR} is missing).", field="calibration.texts",
+            fix="install the Debian package fortunes (apt-get install fortunes) or use texts: builtin.",
+        )
+    texts: list[str] = []
+    for path in sorted(FORTUNES_DIR.iterdir()):
+        # Each subject is a plain file of entries separated by '%' lines, beside its index (.dat) and a link (.u8).
+        if path.suffix or not path.is_file() or path.name in ("ascii-art", "translate-me"):
+            continue
+        for entry in re.split(r"^%$", path.read_text(encoding="utf-8", errors="replace"), flags=re.MULTILINE):
+            lines = [line.strip() for line in entry.splitlines() if line.strip()]
+            lines = [line for line in lines if not line.startswith(("--", "- "))]  # attributions
+            text = " ".join(" ".join(lines).split())
+            words = text.split()
+            if 6 <= len(words) <= 80 and len(_WORDS.findall(text)) > len(text) / 2:
+                texts.append(text)
+    return texts
 
 
 def _require_wordnet() -> None:
@@ -93,6 +158,7 @@ def wordnet_pairs() -> list[tuple[str, str]]:
 
 
 BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts,
+                   "builtin:python-docstrings": python_docstrings_texts, "builtin:fortunes": fortunes_texts,
                    # Two-segment corpora (tuples of texts, tokenized as pairs) for sentence-pair passes.
                    "builtin:python-docs-pairs": python_docs_pairs, "builtin:wordnet-pairs": wordnet_pairs}
 

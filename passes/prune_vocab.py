@@ -36,9 +36,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 class PruneVocabConfig(PassConfig):
-    texts: str | None = Field(
+    texts: str | list[str] | None = Field(
         None, description="Domain corpus whose tokens are kept: builtin, builtin:wordnet, a .txt/.jsonl file or folder"
-        " (relative to the recipe). Default: the recipe's calibration texts. Held-out validation texts are always left out.")
+        " (relative to the recipe), or a list of such sources (all their texts, pooled). Default: the recipe's"
+        " calibration texts. Held-out validation texts are always left out.")
     samples: int | None = Field(None, ge=1, description="Use at most this many texts of the corpus (seeded sample); default all.")
     min_count: int = Field(1, ge=1, description="Keep a corpus token only if it occurs at least this often.")
     keep_top: int = Field(0, ge=0, description="Also keep the N tokens most frequent in frequency_texts (common words the"
@@ -151,7 +152,9 @@ class PruneVocab(Pass):
         if cfg.texts is None:
             texts, source = list(ctx.calibration.texts), "calibration"
         else:
-            texts, source = list(dict.fromkeys(load_texts(cfg.texts, ctx.base_dir))), cfg.texts
+            sources = [cfg.texts] if isinstance(cfg.texts, str) else cfg.texts
+            texts = list(dict.fromkeys(t for name in sources for t in load_texts(name, ctx.base_dir)))
+            source = cfg.texts
         # Validation must see text the vocabulary was not chosen from.
         texts = [t for t in texts if t not in heldout]
         if cfg.samples is not None and cfg.samples < len(texts):

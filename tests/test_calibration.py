@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.calibration import load_texts, prepare_calibration, python_docs_texts
+import compiler.calibration as calibration
+from compiler.calibration import FORTUNES_DIR, load_texts, prepare_calibration, python_docs_texts, python_docstrings_texts
 from compiler.errors import CalibrationError
 
 
@@ -13,6 +14,34 @@ def test_builtin_corpus_is_real_python_documentation():
     assert len(texts) > 1000
     assert any("exception" in t for t in texts)
     assert all(len(t.split()) >= 6 for t in texts)
+
+
+def test_python_docstrings_are_standard_library_prose_apart_from_the_reference_manual():
+    texts = python_docstrings_texts()
+    assert len(set(texts)) > 10_000
+    assert all(6 <= len(t.split()) <= 80 for t in texts)
+    assert any("compression" in t for t in texts)  # zlib, bz2, lzma, ...
+    assert not any(t.startswith(">>>") for t in texts)
+    # A separate text of the same domain: almost none of its sentences are reference-manual sentences.
+    assert len(set(texts) & set(python_docs_texts())) < 10
+    assert load_texts("builtin:python-docstrings") == texts  # deterministic file order
+
+
+@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
+def test_fortunes_are_whole_entries_without_their_attributions():
+    texts = load_texts("builtin:fortunes")
+    assert len(texts) > 10_000
+    assert all(6 <= len(t.split()) <= 80 and "\n" not in t for t in texts)
+    assert not any(t.startswith("--") for t in texts)
+    assert "%" not in {t.strip() for t in texts}
+
+
+def test_missing_fortunes_say_which_package_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(calibration, "FORTUNES_DIR", tmp_path / "absent")
+    with pytest.raises(CalibrationError) as error:
+        load_texts("builtin:fortunes")
+    message = str(error.value)
+    assert "calibration.texts" in message and "apt-get install fortunes" in message
 
 
 def test_heldout_slice_is_disjoint_from_calibration(tiny):

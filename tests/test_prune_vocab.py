@@ -72,6 +72,16 @@ def test_min_count_keeps_fewer_tokens(tiny, tiny_gm):
     assert frequent < every
 
 
+def test_a_list_of_corpora_keeps_the_tokens_of_all_of_them(tiny, tiny_gm, tmp_path):
+    (tmp_path / "animals.txt").write_text("zebra tiger zebra\n")
+    (tmp_path / "colours.txt").write_text("purple orange purple\n")
+    sources = [str(tmp_path / "animals.txt"), str(tmp_path / "colours.txt")]
+    result = run_pass("prune-vocab", {"texts": sources, "min_count": 2}, tiny_gm, tiny)
+    tokens = set(result.inputs.tokenizer.get_vocab())
+    assert {"zebra", "purple"} <= tokens and not {"tiger", "orange"} & tokens  # counted over the pooled corpus
+    assert result.details["corpus"] == sources and result.details["corpus_texts"] == 2
+
+
 def test_keep_top_adds_the_most_frequent_tokens_of_the_frequency_corpus(tiny, tiny_gm, tmp_path):
     general = tmp_path / "general.txt"
     general.write_text("zebra zebra zebra tiger tiger lion\n" * 3)  # one token each

@@ -1,0 +1,47 @@
+"""bench/compare.py's texts of other domains: never a text some recipe in the run calibrates or trains on."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from compiler.calibration import WORDNET_DIR, load_texts, prepare_calibration
+from compiler.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(), reason="wordnet-base not installed")
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_compare"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, tiny):
+    names = ["minilm-small", "minilm-fast-broad", "minilm-distill"]
+    texts, label = compare.other_domain_texts(tiny.tokenizer, 512, names, "builtin:python-docs", "Python-documentation texts")
+    cal = load_recipe(str(ROOT / "recipes" / "minilm-small.yaml")).file.calibration
+    calibrated = prepare_calibration(tiny.tokenizer, source=cal.texts, samples=cal.samples,
+                                     validation_samples=cal.validation_samples, max_length=cal.max_length,
+                                     batch_size=cal.batch_size, seed=cal.seed, model_max_length=512).texts
+    docstrings = set(load_texts("builtin:python-docstrings"))
+    assert 0 < len(texts) <= 256 and len(set(texts)) == len(texts)
+    assert not set(texts) & set(calibrated)
+    assert not set(texts) & docstrings  # minilm-fast-broad distills on the docstrings; two of them are docs sentences
+    # minilm-distill trains on the Python docs themselves: the sample cannot avoid that, so the label says so.
+    assert "recipes/minilm-distill.yaml trains on builtin:python-docs" in label
+    assert "minilm-fast-broad.yaml trains" not in label
+    again, _ = compare.other_domain_texts(tiny.tokenizer, 512, names, "builtin:python-docs", "Python-documentation texts")
+    assert again == texts  # seeded
+
+
+def test_pass_text_sources_reads_every_texts_field(compare):
+    assert compare._pass_text_sources("minilm-fast-broad") >= {"builtin:wordnet", "builtin:python-docstrings"}
+    assert "builtin:python-docstrings" not in compare._pass_text_sources("minilm-fast")
