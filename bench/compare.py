@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from compiler.benchmark import SETTLE_SECONDS, rotating_rounds, synthetic_batch, vocab_size  # noqa: E402
-from compiler.calibration import prepare_calibration  # noqa: E402
+from compiler.calibration import sample_calibration_texts  # noqa: E402
 from compiler.frontend import example_inputs, load_model, resolve_model_path, trace  # noqa: E402
 from compiler.lowering import export_onnx  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
@@ -54,13 +54,12 @@ TARGETS = {"speedup32": 4.0, "smaller": 10.0, "cosine": 0.95, "overlap": 0.75}
 SEQ = 128
 
 
-def heldout_texts(tokenizer, max_length: int) -> tuple[list[str], str]:
+def heldout_texts() -> tuple[list[str], str]:
     """The flagship recipe's held-out slice (same source, sizes and seed as its calibration)."""
     cal = load_recipe(str(FLAGSHIP)).file.calibration
-    data = prepare_calibration(tokenizer, source=cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
-                               max_length=cal.max_length, batch_size=cal.batch_size, seed=cal.seed,
-                               model_max_length=max_length)
-    return data.heldout_texts, f"{len(data.heldout_texts)} {cal.texts} texts (seed {cal.seed}, the held-out slice of {FLAGSHIP.name})"
+    _, heldout = sample_calibration_texts(cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
+                                          seed=cal.seed)
+    return heldout, f"{len(heldout)} {cal.texts} texts (seed {cal.seed}, the held-out slice of {FLAGSHIP.name})"
 
 
 def _pass_text_sources(name: str) -> set[str]:
@@ -74,7 +73,7 @@ def _pass_text_sources(name: str) -> set[str]:
     return sources
 
 
-def other_domain_texts(tokenizer, max_length: int, names: list[str], source: str, what: str, count: int = 256,
+def other_domain_texts(names: list[str], source: str, what: str, count: int = 256,
                        seed: int = 0) -> tuple[list[str], str]:
     """``count`` texts of ``source`` (another domain than the WordNet glosses the flagship family calibrates on) that
     none of the recipes ``names`` calibrates on: their calibration samples are left out (all of them together can
@@ -90,9 +89,8 @@ def other_domain_texts(tokenizer, max_length: int, names: list[str], source: str
     for name in names:
         cal = load_recipe(str(ROOT / "recipes" / f"{name}.yaml")).file.calibration
         if cal.texts == source or (source == "builtin:python-docs" and cal.texts == "builtin"):
-            seen.update(prepare_calibration(tokenizer, source=cal.texts, samples=cal.samples,
-                                            validation_samples=cal.validation_samples, max_length=cal.max_length,
-                                            batch_size=cal.batch_size, seed=cal.seed, model_max_length=max_length).texts)
+            seen.update(sample_calibration_texts(cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
+                                                 seed=cal.seed)[0])
         for other in sorted(_pass_text_sources(name)):
             if other == source or (source == "builtin:python-docs" and other == "builtin"):
                 trained_on.append(name)
@@ -519,12 +517,10 @@ def main() -> None:
 
     loaded = load_model(MODEL)
     tokenizer, model = loaded.tokenizer, loaded.model.eval()
-    texts, heldout_label = heldout_texts(tokenizer, loaded.max_length)
+    texts, heldout_label = heldout_texts()
     reference = embed(torch_run(model), tokenizer, texts)
-    others = {"docs": other_domain_texts(tokenizer, loaded.max_length, sorted(recipes), "builtin:python-docs",
-                                         "Python-documentation texts"),
-              "fortunes": other_domain_texts(tokenizer, loaded.max_length, sorted(recipes), "builtin:fortunes",
-                                             "Debian fortunes (quotations and sayings)")}
+    others = {"docs": other_domain_texts(sorted(recipes), "builtin:python-docs", "Python-documentation texts"),
+              "fortunes": other_domain_texts(sorted(recipes), "builtin:fortunes", "Debian fortunes (quotations and sayings)")}
     other_references = {key: embed(torch_run(model), tokenizer, texts) for key, (texts, _) in others.items()}
 
     # name -> (latency runner, fidelity embeddings, bytes, estimated ms)

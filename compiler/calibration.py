@@ -247,19 +247,25 @@ def tokenize_batches(tokenizer, texts: list[str], max_length: int, batch_size: i
     return batches
 
 
-def prepare_calibration(tokenizer, *, source: str, samples: int, validation_samples: int, max_length: int,
-                        batch_size: int, seed: int, model_max_length: int, base_dir: Path | None = None) -> CalibrationData:
+def sample_calibration_texts(source: str, *, samples: int, validation_samples: int, seed: int,
+                             base_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """The seeded calibration sample of ``source`` and its held-out slice (disjoint), before any tokenizing."""
     texts = list(dict.fromkeys(load_texts(source, base_dir)))  # de-duplicated, order kept
-    needed = samples + validation_samples
     if len(texts) < validation_samples + 8:
         raise CalibrationError(
             f"has only {len(texts)} distinct texts; {validation_samples} are held out for validation and at least 8 are"
             " needed for calibration.", field="calibration.texts",
             fix="add more texts or lower calibration.validation_samples.",
         )
-    rng = random.Random(seed)
-    picked = rng.sample(texts, min(needed, len(texts)))
-    heldout, calibration = picked[:validation_samples], picked[validation_samples:]
+    picked = random.Random(seed).sample(texts, min(samples + validation_samples, len(texts)))
+    return picked[validation_samples:], picked[:validation_samples]
+
+
+def prepare_calibration(tokenizer, *, source: str, samples: int, validation_samples: int, max_length: int,
+                        batch_size: int, seed: int, model_max_length: int, base_dir: Path | None = None) -> CalibrationData:
+    calibration, heldout = sample_calibration_texts(source, samples=samples, validation_samples=validation_samples,
+                                                    seed=seed, base_dir=base_dir)
+    picked = heldout + calibration
     length = min(max_length, model_max_length)
     truncated = sum(1 for text in picked if len(tokenizer(*_segments(text))["input_ids"]) > length)
     return CalibrationData(

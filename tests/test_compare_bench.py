@@ -26,11 +26,13 @@ def compare():
 
 def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, tiny):
     names = ["minilm-small", "minilm-fast-broad", "minilm-distill"]
-    texts, label = compare.other_domain_texts(tiny.tokenizer, 512, names, "builtin:python-docs", "Python-documentation texts")
+    texts, label = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
     cal = load_recipe(str(ROOT / "recipes" / "minilm-small.yaml")).file.calibration
     calibrated = prepare_calibration(tiny.tokenizer, source=cal.texts, samples=cal.samples,
                                      validation_samples=cal.validation_samples, max_length=cal.max_length,
                                      batch_size=cal.batch_size, seed=cal.seed, model_max_length=512).texts
+    assert calibrated == compare.sample_calibration_texts(cal.texts, samples=cal.samples,
+                                                          validation_samples=cal.validation_samples, seed=cal.seed)[0]
     docstrings = set(load_texts("builtin:python-docstrings"))
     assert 0 < len(texts) <= 256 and len(set(texts)) == len(texts)
     assert not set(texts) & set(calibrated)
@@ -38,7 +40,7 @@ def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, t
     # minilm-distill trains on the Python docs themselves: the sample cannot avoid that, so the label says so.
     assert "recipes/minilm-distill.yaml trains on builtin:python-docs" in label
     assert "minilm-fast-broad.yaml trains" not in label
-    again, _ = compare.other_domain_texts(tiny.tokenizer, 512, names, "builtin:python-docs", "Python-documentation texts")
+    again, _ = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
     assert again == texts  # seeded
 
 
