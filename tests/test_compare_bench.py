@@ -25,7 +25,7 @@ def compare():
 
 
 def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, tiny):
-    names = ["minilm-small", "minilm-fast-broad", "minilm-distill"]
+    names = ["minilm-small", "minilm-fast", "minilm-distill"]
     texts, label = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
     cal = load_recipe(str(ROOT / "recipes" / "minilm-small.yaml")).file.calibration
     calibrated = prepare_calibration(tiny.tokenizer, source=cal.texts, samples=cal.samples,
@@ -36,14 +36,14 @@ def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, t
     docstrings = set(load_texts("builtin:python-docstrings"))
     assert 0 < len(texts) <= 256 and len(set(texts)) == len(texts)
     assert not set(texts) & set(calibrated)
-    assert not set(texts) & docstrings  # minilm-fast-broad distills on the docstrings; two of them are docs sentences
+    assert not set(texts) & docstrings  # minilm-fast distills on the docstrings; two of them are docs sentences
     # minilm-distill trains on the Python docs themselves: the sample cannot avoid that, so the label says so.
     assert "recipes/minilm-distill.yaml trains on builtin:python-docs" in label
-    assert "minilm-fast-broad.yaml trains" not in label
+    assert "minilm-fast.yaml trains" not in label
     again, _ = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
     assert again == texts  # seeded
 
 
 def test_pass_text_sources_reads_every_texts_field(compare):
-    assert compare._pass_text_sources("minilm-fast-broad") >= {"builtin:wordnet", "builtin:python-docstrings"}
-    assert "builtin:python-docstrings" not in compare._pass_text_sources("minilm-fast")
+    assert compare._pass_text_sources("minilm-fast") >= {"builtin:wordnet", "builtin:python-docstrings"}
+    assert "builtin:python-docstrings" not in compare._pass_text_sources("minilm-fast-wordnet")
