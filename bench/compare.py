@@ -521,7 +521,7 @@ def main() -> None:
     reference = embed(torch_run(model), tokenizer, texts)
     others = {"docs": other_domain_texts(sorted(recipes), "builtin:python-docs", "Python-documentation texts"),
               "fortunes": other_domain_texts(sorted(recipes), "builtin:fortunes", "Debian fortunes (quotations and sayings)")}
-    other_references = {key: embed(torch_run(model), tokenizer, texts) for key, (texts, _) in others.items()}
+    other_references = {key: embed(torch_run(model), tokenizer, sample) for key, (sample, _) in others.items()}
 
     # name -> (latency runner, fidelity embeddings, bytes, estimated ms)
     variants: dict[str, dict] = {}
