@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from compiler.benchmark import SETTLE_SECONDS, rotating_rounds, synthetic_batch, vocab_size  # noqa: E402
-from compiler.calibration import sample_calibration_texts  # noqa: E402
+from compiler.calibration import BUILTIN_CORPORA, sample_calibration_texts  # noqa: E402
 from compiler.frontend import example_inputs, load_model, resolve_model_path, trace  # noqa: E402
 from compiler.lowering import export_onnx  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
@@ -73,6 +73,11 @@ def _pass_text_sources(name: str) -> set[str]:
     return sources
 
 
+def _same_corpus(a: str, b: str) -> bool:
+    """``a`` and ``b`` name the same texts (``builtin`` is an alias of ``builtin:python-docs``)."""
+    return a == b or (a in BUILTIN_CORPORA and BUILTIN_CORPORA[a] is BUILTIN_CORPORA.get(b))
+
+
 def other_domain_texts(names: list[str], source: str, what: str, count: int = 256,
                        seed: int = 0) -> tuple[list[str], str]:
     """``count`` texts of ``source`` (another domain than the WordNet glosses the flagship family calibrates on) that
@@ -88,11 +93,11 @@ def other_domain_texts(names: list[str], source: str, what: str, count: int = 25
     training: set[str] = set()
     for name in names:
         cal = load_recipe(str(ROOT / "recipes" / f"{name}.yaml")).file.calibration
-        if cal.texts == source or (source == "builtin:python-docs" and cal.texts == "builtin"):
+        if _same_corpus(cal.texts, source):
             seen.update(sample_calibration_texts(cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
                                                  seed=cal.seed)[0])
         for other in sorted(_pass_text_sources(name)):
-            if other == source or (source == "builtin:python-docs" and other == "builtin"):
+            if _same_corpus(other, source):
                 trained_on.append(name)
             else:
                 training.add(other)
