@@ -104,6 +104,10 @@ def other_domain_texts(names: list[str], source: str, what: str, count: int = 25
     for other in sorted(training):
         seen.update(load_texts(other, ROOT / "recipes"))
     pool = [text for text in dict.fromkeys(load_texts(source)) if text not in seen]
+    if len(pool) < min(count, 32):
+        raise SystemExit(f"only {len(pool)} texts of {source} are left once the texts the recipes {', '.join(names)}"
+                         " calibrate or train on are taken out: too few to measure fidelity on; leave those recipes out"
+                         " of the run or measure on another source")
     texts = random.Random(seed).sample(pool, min(count, len(pool)))
     label = (f"{len(texts)} {what} ({source}, seed {seed}) outside the calibration sample of every recipe in this run"
              " and outside every corpus their passes train on")
@@ -525,7 +529,8 @@ def main() -> None:
     texts, heldout_label = heldout_texts()
     reference = embed(torch_run(model), tokenizer, texts)
     others = {"docs": other_domain_texts(sorted(recipes), "builtin:python-docs", "Python-documentation texts"),
-              "fortunes": other_domain_texts(sorted(recipes), "builtin:fortunes", "Debian fortunes (quotations and sayings)")}
+              "fortunes": other_domain_texts(sorted(recipes), "builtin:fortunes-heldout",
+                                             "Debian fortunes on everyday life (quotations and sayings)")}
     other_references = {key: embed(torch_run(model), tokenizer, sample) for key, (sample, _) in others.items()}
 
     # name -> (latency runner, fidelity embeddings, bytes, estimated ms)

@@ -87,7 +87,7 @@ def main() -> None:
     heldout, heldout_label = compare.heldout_texts()
     names = ["minilm-fast", "minilm-fast-wordnet"]
     docs, docs_label = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
-    fortunes, fortunes_label = compare.other_domain_texts(names, "builtin:fortunes", "Debian fortunes")
+    fortunes, fortunes_label = compare.other_domain_texts(names, "builtin:fortunes-heldout", "Debian fortunes on everyday life")
     samples = {"WordNet slice": heldout, "Python docs": docs, "fortunes": fortunes}
     references = {key: compare.embed(compare.torch_run(model), tokenizer, texts) for key, texts in samples.items()}
 

@@ -58,7 +58,7 @@ def calibration_digest(source: str, base_dir: Path | None) -> str:
     if source in BUILTIN_CORPORA:
         if source.startswith("builtin:wordnet") and WORDNET_DIR.is_dir():  # glosses and pairs
             return _hash_files(_tree_files(WORDNET_DIR), WORDNET_DIR)
-        if source == "builtin:fortunes" and FORTUNES_DIR.is_dir():
+        if source.startswith("builtin:fortunes") and FORTUNES_DIR.is_dir():
             return _hash_files(_tree_files(FORTUNES_DIR), FORTUNES_DIR)
         return source
     path = Path(source).expanduser()

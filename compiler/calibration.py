@@ -6,7 +6,9 @@ The builtin corpus is real prose that ships with Python itself (the reference-ma
 Two more broaden distillation or measure fidelity away from it: the docstrings of Python's standard
 library (technical prose that also ships with Python, written apart from the reference manual: two of
 its sentences appear among the 1,569 of ``builtin:python-docs``) and the Debian package ``fortunes``
-(quotations, jokes and sayings on some forty subjects: everyday English far from both).
+(quotations, jokes and sayings on some forty subjects: everyday English far from both). The fortunes come whole
+and split by subject: ``builtin:fortunes-train`` (computers, politics, science, jokes, ...) to distill on, and
+``builtin:fortunes-heldout`` (fourteen everyday-life subjects: people, love, work, food, ...) to measure on.
 """
 
 from __future__ import annotations
@@ -95,8 +97,14 @@ def _python_docstrings() -> tuple[str, ...]:
     return tuple(texts)
 
 
-def fortunes_texts() -> list[str]:
-    """The entries of the Debian package ``fortunes`` (one text each, whitespace joined, attribution lines dropped)."""
+# The fortunes' subjects on everyday life, which bertpress's own recipes never train on: bench/compare.py measures
+# fidelity on them (builtin:fortunes-heldout) while a recipe may distill on the other subjects (builtin:fortunes-train:
+# computers, politics, science, jokes, ...). Split by subject, not at random, so the measure is of topics unseen.
+FORTUNES_HELDOUT_SUBJECTS = ("education", "food", "kids", "law", "literature", "love", "medicine", "men-women", "people",
+                             "pets", "songs-poems", "sports", "wisdom", "work")
+
+
+def _fortunes(keep) -> list[str]:
     if not FORTUNES_DIR.is_dir():
         raise CalibrationError(
             f"the fortunes are not installed ({FORTUNES_DIR} is missing).", field="calibration.texts",
@@ -105,7 +113,7 @@ def fortunes_texts() -> list[str]:
     texts: list[str] = []
     for path in sorted(FORTUNES_DIR.iterdir()):
         # Each subject is a plain file of entries separated by '%' lines, beside its index (.dat) and a link (.u8).
-        if path.suffix or not path.is_file() or path.name in ("ascii-art", "translate-me"):
+        if path.suffix or not path.is_file() or path.name in ("ascii-art", "translate-me") or not keep(path.name):
             continue
         for entry in re.split(r"^%$", path.read_text(encoding="utf-8", errors="replace"), flags=re.MULTILINE):
             lines = [line.strip() for line in entry.splitlines() if line.strip()]
@@ -115,6 +123,23 @@ def fortunes_texts() -> list[str]:
             if 6 <= len(words) <= 80 and len(_WORDS.findall(text)) > len(text) / 2:
                 texts.append(text)
     return texts
+
+
+def fortunes_texts() -> list[str]:
+    """The entries of the Debian package ``fortunes`` (one text each, whitespace joined, attribution lines dropped)."""
+    return _fortunes(lambda subject: True)
+
+
+def fortunes_train_texts() -> list[str]:
+    """The fortunes of every subject but the everyday-life ones of FORTUNES_HELDOUT_SUBJECTS (computers, politics,
+    science, jokes, ...), for distillation; an entry that also appears under a held-out subject is left out."""
+    heldout = set(fortunes_heldout_texts())
+    return [text for text in _fortunes(lambda subject: subject not in FORTUNES_HELDOUT_SUBJECTS) if text not in heldout]
+
+
+def fortunes_heldout_texts() -> list[str]:
+    """The fortunes of the everyday-life subjects FORTUNES_HELDOUT_SUBJECTS (people, love, work, food, ...)."""
+    return _fortunes(lambda subject: subject in FORTUNES_HELDOUT_SUBJECTS)
 
 
 def _require_wordnet() -> None:
@@ -159,6 +184,7 @@ def wordnet_pairs() -> list[tuple[str, str]]:
 
 BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts,
                    "builtin:python-docstrings": python_docstrings_texts, "builtin:fortunes": fortunes_texts,
+                   "builtin:fortunes-train": fortunes_train_texts, "builtin:fortunes-heldout": fortunes_heldout_texts,
                    # Two-segment corpora (tuples of texts, tokenized as pairs) for sentence-pair passes.
                    "builtin:python-docs-pairs": python_docs_pairs, "builtin:wordnet-pairs": wordnet_pairs}
 

@@ -32,7 +32,8 @@ class Calibration(_Strict):
         "builtin",
         description="'builtin' (Python's own reference documentation, shipped with Python), 'builtin:python-docs',"
         " 'builtin:wordnet' (Debian package wordnet-base), 'builtin:python-docstrings' (the docstrings of Python's"
-        " standard library), 'builtin:fortunes' (Debian package fortunes),"
+        " standard library), 'builtin:fortunes' (Debian package fortunes;"
+        " 'builtin:fortunes-train' and 'builtin:fortunes-heldout' split it by subject),"
         " 'builtin:wordnet-pairs' / 'builtin:python-docs-pairs'"
         " (two-segment sentence pairs, for decouple-attention), a .txt file (one text per line), a .jsonl file"
         " (objects with a 'text' field) or a folder of such files. Relative paths are relative to the recipe.",

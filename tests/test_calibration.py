@@ -36,6 +36,19 @@ def test_fortunes_are_whole_entries_without_their_attributions():
     assert "%" not in {t.strip() for t in texts}
 
 
+@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
+def test_fortunes_split_by_subject_into_disjoint_training_and_heldout_texts():
+    train, heldout, whole = (load_texts(f"builtin:{name}") for name in ("fortunes-train", "fortunes-heldout", "fortunes"))
+    assert len(train) > 8_000 and len(heldout) > 4_000
+    assert not set(train) & set(heldout)  # an entry filed under both kinds of subject stays on the held-out side
+    assert set(train) | set(heldout) == set(whole)
+    people = calibration._fortunes(lambda subject: subject == "people")
+    assert people and set(people) <= set(heldout)
+    computers = calibration._fortunes(lambda subject: subject == "computers")
+    assert computers and set(computers) - set(heldout) <= set(train) and len(set(computers) & set(train)) > 500
+    assert set(calibration.FORTUNES_HELDOUT_SUBJECTS) <= {p.name for p in FORTUNES_DIR.iterdir()}
+
+
 def test_missing_fortunes_say_which_package_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(calibration, "FORTUNES_DIR", tmp_path / "absent")
     with pytest.raises(CalibrationError) as error:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.calibration import WORDNET_DIR, load_texts, prepare_calibration
+from compiler.calibration import FORTUNES_DIR, WORDNET_DIR, load_texts, prepare_calibration
 from compiler.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +47,19 @@ def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, t
 def test_pass_text_sources_reads_every_texts_field(compare):
     assert compare._pass_text_sources("minilm-fast") >= {"builtin:wordnet", "builtin:python-docstrings"}
     assert "builtin:python-docstrings" not in compare._pass_text_sources("minilm-fast-wordnet")
+
+
+@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
+def test_fortunes_sample_is_of_subjects_no_recipe_trains_on(compare):
+    texts, label = compare.other_domain_texts(["minilm-fast-broad", "minilm-fast"], "builtin:fortunes-heldout",
+                                              "fortunes on everyday life")
+    assert len(texts) == 256 and not set(texts) & set(load_texts("builtin:fortunes-train"))
+    assert set(texts) <= set(load_texts("builtin:fortunes-heldout")) and "trains on" not in label
+
+
+@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
+def test_too_few_texts_left_to_measure_on_is_a_clear_stop(compare, monkeypatch):
+    # A recipe that distills on every fortune leaves none of the everyday-life subjects unseen.
+    monkeypatch.setattr(compare, "_pass_text_sources", lambda name: {"builtin:fortunes"})
+    with pytest.raises(SystemExit, match="too few to measure fidelity on"):
+        compare.other_domain_texts(["minilm-fast"], "builtin:fortunes-heldout", "fortunes on everyday life")
