@@ -78,6 +78,14 @@ def _same_corpus(a: str, b: str) -> bool:
     return a == b or (a in BUILTIN_CORPORA and BUILTIN_CORPORA[a] is BUILTIN_CORPORA.get(b))
 
 
+@functools.cache
+def _corpus(source: str) -> tuple[str, ...]:
+    """The texts of ``source`` (relative paths as the recipes name them), loaded once per run."""
+    from compiler.calibration import load_texts
+
+    return tuple(load_texts(source, ROOT / "recipes"))
+
+
 def other_domain_texts(names: list[str], source: str, what: str, count: int = 256,
                        seed: int = 0) -> tuple[list[str], str]:
     """``count`` texts of ``source`` (another domain than the WordNet glosses the flagship family calibrates on) that
@@ -85,8 +93,6 @@ def other_domain_texts(names: list[str], source: str, what: str, count: int = 25
     leave fewer than ``count``: minilm-small calibrates on most of the 1569 Python-docs texts), and so is any text
     that also occurs in a corpus a recipe's passes train on (two docstring sentences are also Python-docs sentences)."""
     import random
-
-    from compiler.calibration import load_texts
 
     seen: set[str] = set()
     trained_on: list[str] = []
@@ -102,8 +108,8 @@ def other_domain_texts(names: list[str], source: str, what: str, count: int = 25
             else:
                 training.add(other)
     for other in sorted(training):
-        seen.update(load_texts(other, ROOT / "recipes"))
-    pool = [text for text in dict.fromkeys(load_texts(source)) if text not in seen]
+        seen.update(_corpus(other))
+    pool = [text for text in dict.fromkeys(_corpus(source)) if text not in seen]
     if len(pool) < min(count, 32):
         raise SystemExit(f"only {len(pool)} texts of {source} are left once the texts the recipes {', '.join(names)}"
                          " calibrate or train on are taken out: too few to measure fidelity on; leave those recipes out"

@@ -56,10 +56,12 @@ def model_digest(spec: str) -> str:
 def calibration_digest(source: str, base_dir: Path | None) -> str:
     """Digest of the calibration text's bytes; Python's own docs and docstrings are covered by the Python version."""
     if source in BUILTIN_CORPORA:
-        if source.startswith("builtin:wordnet") and WORDNET_DIR.is_dir():  # glosses and pairs
-            return _hash_files(_tree_files(WORDNET_DIR), WORDNET_DIR)
-        if source.startswith("builtin:fortunes") and FORTUNES_DIR.is_dir():
-            return _hash_files(_tree_files(FORTUNES_DIR), FORTUNES_DIR)
+        # Corpora read from a system package's folder are covered by that folder's bytes (the recipe's own text names
+        # which corpus or split of it); Python's own are covered by the Python version.
+        packaged = {"builtin:wordnet": WORDNET_DIR, "builtin:fortunes": FORTUNES_DIR}
+        folder = next((path for prefix, path in packaged.items() if source.startswith(prefix)), None)
+        if folder is not None and folder.is_dir():
+            return _hash_files(_tree_files(folder), folder)
         return source
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir is not None:

@@ -154,3 +154,15 @@ def test_schema_version_matches_the_reports():
     schema = json.loads(SCHEMA_FILE.read_text())
     assert schema["properties"]["schema_version"]["const"] == REPORT_SCHEMA_VERSION
     assert "schema_version" in schema["required"] and "cache" in schema["required"]
+
+
+@pytest.mark.parametrize("source, attribute", [("builtin:fortunes-train", "FORTUNES_DIR"),
+                                               ("builtin:fortunes-heldout", "FORTUNES_DIR"),
+                                               ("builtin:wordnet-pairs", "WORDNET_DIR")])
+def test_packaged_corpora_digest_their_folder_bytes(tmp_path, monkeypatch, source, attribute):
+    (tmp_path / "subject").write_text("one entry\n%\nanother entry\n")
+    monkeypatch.setattr(cache, attribute, tmp_path)
+    before = cache.calibration_digest(source, None)
+    (tmp_path / "subject").write_text("one entry\n%\nan edited entry\n")
+    assert cache.calibration_digest(source, None) != before
+    assert cache.calibration_digest("builtin:python-docstrings", None) == "builtin:python-docstrings"
