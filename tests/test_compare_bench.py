@@ -51,7 +51,7 @@ def test_pass_text_sources_reads_every_texts_field(compare):
 
 @pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="Debian package fortunes not installed")
 def test_fortunes_sample_is_of_subjects_no_recipe_trains_on(compare):
-    texts, label = compare.other_domain_texts(["minilm-fast-broad", "minilm-fast"], "builtin:fortunes-heldout",
+    texts, label = compare.other_domain_texts(["minilm-fast", "minilm-fast-wordnet-docstrings"], "builtin:fortunes-heldout",
                                               "fortunes on everyday life")
     assert len(texts) == 256 and not set(texts) & set(load_texts("builtin:fortunes-train"))
     assert set(texts) <= set(load_texts("builtin:fortunes-heldout")) and "trains on" not in label
