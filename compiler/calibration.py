@@ -26,6 +26,7 @@ from .errors import CalibrationError
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
+JARGON_FILE = Path("/usr/share/dictd/jargon.dict.dz")
 _WORDS = re.compile(r"[A-Za-z]")
 
 
@@ -104,6 +105,16 @@ FORTUNES_HELDOUT_SUBJECTS = ("education", "food", "kids", "law", "literature", "
                              "pets", "songs-poems", "sports", "wisdom", "work")
 
 
+# The subjects the Debian package fortunes ships (fortunes 1:1.99.1). Other packages (fortune-anarchism, fortunes-mario
+# in Portuguese, ...) install files into the same folder; naming the package's own keeps the corpora the same whatever
+# else is installed.
+FORTUNES_SUBJECTS = ("art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education", "ethnic",
+                     "food", "fortunes", "goedel", "humorists", "kids", "knghtbrd", "law", "linux", "linuxcookie",
+                     "literature", "love", "magic", "medicine", "men-women", "miscellaneous", "news", "paradoxum",
+                     "people", "perl", "pets", "platitudes", "politics", "pratchett", "riddles", "science",
+                     "songs-poems", "sports", "startrek", "tao", "wisdom", "work", "zippy")
+
+
 def _fortunes(keep) -> list[str]:
     if not FORTUNES_DIR.is_dir():
         raise CalibrationError(
@@ -113,7 +124,7 @@ def _fortunes(keep) -> list[str]:
     texts: list[str] = []
     for path in sorted(FORTUNES_DIR.iterdir()):
         # Each subject is a plain file of entries separated by '%' lines, beside its index (.dat) and a link (.u8).
-        if path.suffix or not path.is_file() or path.name in ("ascii-art", "translate-me") or not keep(path.name):
+        if path.name not in FORTUNES_SUBJECTS or not path.is_file() or not keep(path.name):
             continue
         for entry in re.split(r"^%$", path.read_text(encoding="utf-8", errors="replace"), flags=re.MULTILINE):
             lines = [line.strip() for line in entry.splitlines() if line.strip()]
@@ -140,6 +151,38 @@ def fortunes_train_texts() -> list[str]:
 def fortunes_heldout_texts() -> list[str]:
     """The fortunes of the everyday-life subjects FORTUNES_HELDOUT_SUBJECTS (people, love, work, food, ...)."""
     return _fortunes(lambda subject: subject in FORTUNES_HELDOUT_SUBJECTS)
+
+
+def jargon_texts() -> list[str]:
+    """The sentences of the Jargon File (Debian package ``dict-jargon``, public domain): some 2,300 entries of hacker
+    slang, explained in casual modern English prose (history, people, jokes, working life), one sentence each."""
+    import gzip
+
+    if not JARGON_FILE.is_file():
+        raise CalibrationError(
+            f"the Jargon File is not installed ({JARGON_FILE} is missing).", field="calibration.texts",
+            fix="install the Debian package dict-jargon (apt-get install --no-install-recommends dict-jargon) or use"
+                " texts: builtin.",
+        )
+    texts: list[str] = []
+    with gzip.open(JARGON_FILE, "rt", encoding="utf-8", errors="replace") as dictionary:  # dictzip is gzip
+        document = dictionary.read()
+    # dictd format: a headword at column 0, its pronunciation line, then paragraphs indented by four spaces.
+    for paragraph in re.split(r"\n\s*\n", document):
+        lines = paragraph.splitlines()
+        if not lines or not all(line.startswith("    ") for line in lines):
+            continue  # headwords, the database header, and the deeper-indented examples and quoted code
+        if any(line.startswith("     ") for line in lines):
+            continue
+        text = " ".join(" ".join(line.strip() for line in lines).split())
+        while (plain := re.sub(r"\{([^{}]*)\}", r"\1", text)) != text:  # cross-references: {glob}, {{VAX}} -> glob, VAX
+            text = plain
+        text = re.sub(r"^(\d+\.\s+)?(\[[^\]]*\]\s*)?", "", text)  # sense number, [etymology or usage label]
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+            words = sentence.split()
+            if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+                texts.append(sentence)
+    return texts
 
 
 def _require_wordnet() -> None:
@@ -185,6 +228,7 @@ def wordnet_pairs() -> list[tuple[str, str]]:
 BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts,
                    "builtin:python-docstrings": python_docstrings_texts, "builtin:fortunes": fortunes_texts,
                    "builtin:fortunes-train": fortunes_train_texts, "builtin:fortunes-heldout": fortunes_heldout_texts,
+                   "builtin:jargon": jargon_texts,
                    # Two-segment corpora (tuples of texts, tokenized as pairs) for sentence-pair passes.
                    "builtin:python-docs-pairs": python_docs_pairs, "builtin:wordnet-pairs": wordnet_pairs}
 

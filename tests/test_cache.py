@@ -166,3 +166,14 @@ def test_packaged_corpora_digest_their_folder_bytes(tmp_path, monkeypatch, sourc
     (tmp_path / "subject").write_text("one entry\n%\nan edited entry\n")
     assert cache.calibration_digest(source, None) != before
     assert cache.calibration_digest("builtin:python-docstrings", None) == "builtin:python-docstrings"
+
+
+def test_jargon_file_digest_is_of_its_bytes(tmp_path, monkeypatch):
+    import gzip
+
+    path = tmp_path / "jargon.dict.dz"
+    path.write_bytes(gzip.compress(b"foo\n /foo/, n.\n\n    A sample name for absolutely anything at all.\n"))
+    monkeypatch.setattr(cache, "JARGON_FILE", path)
+    before = cache.calibration_digest("builtin:jargon", None)
+    path.write_bytes(gzip.compress(b"foo\n /foo/, n.\n\n    A sample name for nearly anything at all.\n"))
+    assert cache.calibration_digest("builtin:jargon", None) != before

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import compiler.calibration as calibration
-from compiler.calibration import FORTUNES_DIR, load_texts, prepare_calibration, python_docs_texts, python_docstrings_texts
+from compiler.calibration import FORTUNES_DIR, JARGON_FILE, load_texts, prepare_calibration, python_docs_texts, python_docstrings_texts
 from compiler.errors import CalibrationError
 
 
@@ -47,6 +49,38 @@ def test_fortunes_split_by_subject_into_disjoint_training_and_heldout_texts():
     computers = calibration._fortunes(lambda subject: subject == "computers")
     assert computers and set(computers) - set(heldout) <= set(train) and len(set(computers) & set(train)) > 500
     assert set(calibration.FORTUNES_HELDOUT_SUBJECTS) <= {p.name for p in FORTUNES_DIR.iterdir()}
+
+
+def test_fortunes_read_only_the_fortunes_packages_own_subjects(monkeypatch, tmp_path):
+    # fortunes-mario (Portuguese) and fortune-anarchism install into the same folder; they must not join the corpora.
+    (tmp_path / "people").write_text("A friend is one who knows all about you and likes you anyway.\n%\n")
+    (tmp_path / "people.dat").write_bytes(b"\0\1")
+    (tmp_path / "mario.geral").write_text("Quem tem boca vai a Roma, mas quem tem carro chega mais depressa.\n%\n")
+    (tmp_path / "anarchism").write_text("Every organization has more in common with every other organization.\n%\n")
+    monkeypatch.setattr(calibration, "FORTUNES_DIR", tmp_path)
+    assert load_texts("builtin:fortunes") == ["A friend is one who knows all about you and likes you anyway."]
+    assert load_texts("builtin:fortunes-heldout") == load_texts("builtin:fortunes") and not load_texts("builtin:fortunes-train")
+
+
+@pytest.mark.skipif(not JARGON_FILE.is_file(), reason="Debian package dict-jargon not installed")
+def test_jargon_file_is_sentences_of_its_prose_without_markup():
+    texts = load_texts("builtin:jargon")
+    assert len(set(texts)) > 7_000
+    assert all(6 <= len(t.split()) <= 80 and "\n" not in t for t in texts)
+    assert not any(re.search(r"\{[^{}]*\}", t) for t in texts)  # cross-references' braces dropped, their words kept
+    assert any(t.startswith("Sometimes used as an expression of disagreement") and "buy a VAX." in t for t in texts)
+    assert not any(t.startswith(("00-database", "http")) for t in texts)  # the dictd header
+    assert any("hacker" in t for t in texts) and any(t.startswith("Of all these, only foo and bar") for t in texts)
+    # Another text than the corpora it joins: next to none of its sentences are fortunes or docstrings.
+    assert len(set(texts) & set(python_docstrings_texts())) < 5
+
+
+def test_missing_jargon_file_says_which_package_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(calibration, "JARGON_FILE", tmp_path / "jargon.dict.dz")
+    with pytest.raises(CalibrationError) as error:
+        load_texts("builtin:jargon")
+    message = str(error.value)
+    assert "calibration.texts" in message and "apt-get install --no-install-recommends dict-jargon" in message
 
 
 def test_missing_fortunes_say_which_package_to_install(monkeypatch, tmp_path):

@@ -45,7 +45,9 @@ def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, t
 
 
 def test_pass_text_sources_reads_every_texts_field(compare):
-    assert compare._pass_text_sources("minilm-fast") >= {"builtin:wordnet", "builtin:python-docstrings"}
+    assert compare._pass_text_sources("minilm-fast") >= {"builtin:wordnet", "builtin:python-docstrings",
+                                                         "builtin:fortunes-train"}
+    assert "builtin:jargon" in compare._pass_text_sources("minilm-fast-jargon")
     assert "builtin:python-docstrings" not in compare._pass_text_sources("minilm-fast-wordnet")
 
 
