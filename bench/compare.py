@@ -19,6 +19,10 @@ measurement, and the Spearman rank correlation of the two over the recipes. Then
 on MiniLM and on a BERT-base-sized random model, checking the seed's findings.
 
     python bench/compare.py [--rounds1 30] [--rounds32 7] [--threads 2] [--out-root out] [--skip-inspect]
+                            [--reuse] [--recipes NAME ...] [--sample-also NAME ...] [--results bench/RESULTS.md]
+
+A partial run (--recipes) measures its fidelity on the samples of a full run when --sample-also names that run's
+other recipes, and writes to its own --results file so the full run's stays.
 """
 
 from __future__ import annotations
@@ -407,7 +411,9 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
              f"Fidelity: {context['heldout']}, against PyTorch fp32 (mean-pooled): mean cosine, and top-10 neighbour overlap"
              " (per text, the share of its 10 nearest neighbours in the sample that both embeddings agree on).",
              f"Other domains (columns 'docs' and 'fortunes'): the same two measures on {context['docs']}; and on"
-             f" {context['fortunes']}.",
+             f" {context['fortunes']}." + (
+                 f" Both samples also avoid the calibration and training texts of {', '.join(context['sample_also'])}"
+                 " (--sample-also: the recipes of the run whose samples these are)." if context.get("sample_also") else ""),
              "Size: bytes on disk of the model file(s) (ONNX file; PyTorch: saved state dict).", "",
              "| model | size MB | smaller | b1 median ms | b1 speedup | b32 median ms | b32 speedup | est. b32 ms | cosine | top-10 overlap"
              " | docs cosine | docs top-10 | fortunes cosine | fortunes top-10 |",
@@ -518,8 +524,16 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="use an existing build of the same recipe text in OUT_ROOT even if"
                         " code changed since (the default rebuilds unless `bertpress compile` would call it up to date)")
     parser.add_argument("--recipes", nargs="*", help="only these recipes (names without .yaml; default: every recipe)")
+    parser.add_argument("--sample-also", nargs="*", default=[], metavar="RECIPE",
+                        help="recipes not run here whose calibration and training texts the held-out samples also avoid:"
+                        " given the recipes of an earlier run, a partial run measures fidelity on that run's samples")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
+    known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    unknown = [name for name in (args.recipes or []) + args.sample_also if name not in known]
+    if unknown:
+        parser.error(f"no recipe named {', '.join(unknown)} in recipes/ (names are file names without .yaml:"
+                     f" {', '.join(known)})")
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     load_before = [round(x, 1) for x in os.getloadavg()]
@@ -534,8 +548,9 @@ def main() -> None:
     tokenizer, model = loaded.tokenizer, loaded.model.eval()
     texts, heldout_label = heldout_texts()
     reference = embed(torch_run(model), tokenizer, texts)
-    others = {"docs": other_domain_texts(sorted(recipes), "builtin:python-docs", "Python-documentation texts"),
-              "fortunes": other_domain_texts(sorted(recipes), "builtin:fortunes-heldout",
+    sample_names = sorted(set(recipes) | set(args.sample_also))
+    others = {"docs": other_domain_texts(sample_names, "builtin:python-docs", "Python-documentation texts"),
+              "fortunes": other_domain_texts(sample_names, "builtin:fortunes-heldout",
                                              "Debian fortunes on everyday life (quotations and sayings)")}
     other_references = {key: embed(torch_run(model), tokenizer, sample) for key, (sample, _) in others.items()}
 
@@ -600,6 +615,7 @@ def main() -> None:
                "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
                "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds, "threads": args.threads,
                "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": heldout_label, "docs": others["docs"][1], "fortunes": others["fortunes"][1],
+               "sample_also": sorted(set(args.sample_also) - set(recipes)),
                "machine": _roofline_label(machine.as_dict())}
     write_results(args.results, context, rows, recipes, inspected, command)
     (args.results.with_suffix(".json")).write_text(json.dumps(

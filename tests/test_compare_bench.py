@@ -65,3 +65,12 @@ def test_too_few_texts_left_to_measure_on_is_a_clear_stop(compare, monkeypatch):
     monkeypatch.setattr(compare, "_pass_text_sources", lambda name: {"builtin:fortunes"})
     with pytest.raises(SystemExit, match="too few to measure fidelity on"):
         compare.other_domain_texts(["minilm-fast"], "builtin:fortunes-heldout", "fortunes on everyday life")
+
+
+def test_unknown_recipe_name_is_a_clear_usage_error(compare, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--recipes", "minilm-fast", "--sample-also", "minilm-fats"])
+    with pytest.raises(SystemExit) as stop:
+        compare.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "no recipe named minilm-fats in recipes/" in err and "minilm-fast-jargon" in err
