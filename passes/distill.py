@@ -51,7 +51,7 @@ class LossWeights(BaseModel):
     similarity: float = Field(0.0, ge=0.0, description="Weight of the in-batch similarity loss: MSE between the teacher's and the"
                               " student's matrices of pairwise cosines of the pooled embeddings (relational KD, Park et al."
                               " 2019). It trains what nearest-neighbour search reads: which texts are close to which. On MiniLM it"
-                              " did not pay: weight 1 is neutral, 5 and 20 lower every held-out figure (bench/LOSSES.md).")
+                              " did not pay: weight 1 is neutral, 5 and 20 lower the held-out cosine on every sample (bench/LOSSES.md).")
 
     @model_validator(mode="after")
     def _something_to_learn(self):
