@@ -157,6 +157,44 @@ def fidelity(embeddings: np.ndarray, reference: np.ndarray, k: int = 10) -> dict
     return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min()), "overlap10": float(overlap)}
 
 
+# The held-out samples every fidelity figure in bench/ is measured on: key -> column title.
+SAMPLES = {"wordnet": "WordNet slice", "docs": "Python docs", "fortunes": "held-out fortunes"}
+
+
+def heldout_samples(names: list[str]) -> dict[str, tuple[list[str], str]]:
+    """The three held-out samples, key (as SAMPLES) -> (texts, label): the flagship's held-out WordNet slice, and 256
+    Python-documentation texts and 256 held-out fortunes outside every text the recipes ``names`` calibrate or
+    train on (other_domain_texts). The same names give the same samples in any script and any run."""
+    return {"wordnet": heldout_texts(),
+            "docs": other_domain_texts(names, "builtin:python-docs", "Python-documentation texts"),
+            "fortunes": other_domain_texts(names, "builtin:fortunes-heldout",
+                                           "Debian fortunes on everyday life (quotations and sayings)")}
+
+
+class HeldOut:
+    """The held-out samples of recipes ``names`` and the reference model's embeddings of them, computed once;
+    ``measure`` scores any model (a ``run(feeds) -> last hidden state`` and its tokenizer) on all three."""
+
+    def __init__(self, names: list[str], model, tokenizer):
+        self.samples = heldout_samples(names)
+        reference = torch_run(model)
+        self.references = {key: embed(reference, tokenizer, texts) for key, (texts, _) in self.samples.items()}
+
+    @property
+    def labels(self) -> list[str]:
+        return [label for _, label in self.samples.values()]
+
+    def measure(self, run, tokenizer) -> dict[str, dict]:
+        """key -> fidelity(...) of the model's embeddings against the reference's: cosine, cosine_min, overlap10."""
+        return {key: fidelity(embed(run, tokenizer, texts), self.references[key])
+                for key, (texts, _) in self.samples.items()}
+
+    @staticmethod
+    def cells(measured: dict[str, dict]) -> str:
+        """Markdown cells 'cosine / top-10 overlap', one per sample, in SAMPLES' order."""
+        return " | ".join(f"{measured[key]['cosine']:.4f} / {measured[key]['overlap10']:.3f}" for key in SAMPLES)
+
+
 def ort_run(path: Path, threads: int):
     sess = session(path, threads)
     names = {i.name for i in sess.get_inputs()}
@@ -546,13 +584,8 @@ def main() -> None:
 
     loaded = load_model(MODEL)
     tokenizer, model = loaded.tokenizer, loaded.model.eval()
-    texts, heldout_label = heldout_texts()
-    reference = embed(torch_run(model), tokenizer, texts)
-    sample_names = sorted(set(recipes) | set(args.sample_also))
-    others = {"docs": other_domain_texts(sample_names, "builtin:python-docs", "Python-documentation texts"),
-              "fortunes": other_domain_texts(sample_names, "builtin:fortunes-heldout",
-                                             "Debian fortunes on everyday life (quotations and sayings)")}
-    other_references = {key: embed(torch_run(model), tokenizer, sample) for key, (sample, _) in others.items()}
+    held_out = HeldOut(sorted(set(recipes) | set(args.sample_also)), model, tokenizer)
+    others = ("docs", "fortunes")  # row fields docs_cosine, ...; the WordNet slice's are plain cosine, overlap10
 
     # name -> (latency runner, fidelity embeddings, bytes, estimated ms)
     variants: dict[str, dict] = {}
@@ -589,10 +622,10 @@ def main() -> None:
 
         for name, variant in variants.items():
             print(f"[compare] fidelity of {name}", flush=True)
-            variant.update(fidelity(embed(variant["run"], variant["tokenizer"], texts), reference))
-            for key, (other_texts, _) in others.items():
-                other = fidelity(embed(variant["run"], variant["tokenizer"], other_texts), other_references[key])
-                variant.update({f"{key}_cosine": other["cosine"], f"{key}_overlap10": other["overlap10"]})
+            measured = held_out.measure(variant["run"], variant["tokenizer"])
+            variant.update(measured["wordnet"])
+            for key in others:
+                variant.update({f"{key}_cosine": measured[key]["cosine"], f"{key}_overlap10": measured[key]["overlap10"]})
 
         vocab = min([int(loaded.config.vocab_size)] + [v.get("vocab", 10**9) for v in variants.values()])
         runs = {name: v["run"] for name, v in variants.items()}
@@ -614,7 +647,8 @@ def main() -> None:
     context = {"environment": f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}, {machine.cpu}",
                "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
                "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds, "threads": args.threads,
-               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": heldout_label, "docs": others["docs"][1], "fortunes": others["fortunes"][1],
+               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": held_out.samples["wordnet"][1], "docs": held_out.samples["docs"][1],
+               "fortunes": held_out.samples["fortunes"][1],
                "sample_also": sorted(set(args.sample_also) - set(recipes)),
                "machine": _roofline_label(machine.as_dict())}
     write_results(args.results, context, rows, recipes, inspected, command)

@@ -84,12 +84,7 @@ def main() -> None:
     base = yaml.safe_load(FLAGSHIP.read_text())
     loaded = load_model(base["model"])
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    heldout, heldout_label = compare.heldout_texts()
-    names = ["minilm-fast", "minilm-fast-wordnet"]
-    docs, docs_label = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
-    fortunes, fortunes_label = compare.other_domain_texts(names, "builtin:fortunes-heldout", "Debian fortunes on everyday life")
-    samples = {"WordNet slice": heldout, "Python docs": docs, "fortunes": fortunes}
-    references = {key: compare.embed(compare.torch_run(model), tokenizer, texts) for key, texts in samples.items()}
+    held_out = compare.HeldOut(["minilm-fast", "minilm-fast-wordnet"], model, tokenizer)
 
     rows = []
     for label, heads, texts in VARIANTS:
@@ -104,8 +99,7 @@ def main() -> None:
         if result.exit_code == 0:
             run = compare.ort_run(out / "model.onnx", args.threads)
             own_tokenizer = AutoTokenizer.from_pretrained(str(out))
-            for key, texts_ in samples.items():
-                row[key] = compare.fidelity(compare.embed(run, own_tokenizer, texts_), references[key])
+            row["fidelity"] = held_out.measure(run, own_tokenizer)
             row["bytes"] = (out / "model.onnx").stat().st_size
             distill = next(p for p in result.report["passes"] if p["name"] == "distill")
             row["distill_cosine"] = distill["checks"].get("cosine")
@@ -116,14 +110,14 @@ def main() -> None:
              f"Command: `{command}`", "",
              f"Each variant is recipes/minilm-fast.yaml with distill shortened to {args.steps} steps, its heads and its"
              " training text (distill and prune-vocab) as named; everything else as the flagship. Held-out samples"
-             " (never trained on): " + "; ".join([heldout_label, docs_label, fortunes_label]) + ".",
+             " (never trained on): " + "; ".join(held_out.labels) + ".",
              "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled), as bench/compare.py.", "",
              "| variant | size MB | compile s | WordNet slice | Python docs | fortunes |", "|---|---|---|---|---|---|"]
     for row in rows:
         if row["exit_code"] != 0:
             lines.append(f"| {row['label']} | - | {row['seconds']:.0f} | exit code {row['exit_code']} | - | - |")
             continue
-        cells = " | ".join(f"{row[k]['cosine']:.4f} / {row[k]['overlap10']:.3f}" for k in samples)
+        cells = held_out.cells(row["fidelity"])
         lines.append(f"| {row['label']} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.0f} | {cells} |")
     args.results.write_text("\n".join(lines) + "\n")
     print(args.results.read_text())

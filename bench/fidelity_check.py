@@ -28,23 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     names = sorted({p.name for p in args.outputs} | set(args.also))
     loaded = load_model(compare.MODEL)
-    reference_run = compare.torch_run(loaded.model.eval())
-    samples = {"WordNet slice": compare.heldout_texts()[0],
-               "Python docs": compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")[0],
-               "held-out fortunes": compare.other_domain_texts(names, "builtin:fortunes-heldout", "fortunes")[0]}
-    references = {key: compare.embed(reference_run, loaded.tokenizer, texts) for key, texts in samples.items()}
+    held_out = compare.HeldOut(names, loaded.model.eval(), loaded.tokenizer)
     print(f"samples avoid the training texts of: {', '.join(names)}")
-    print("| output | size MB | " + " | ".join(samples) + " |")
-    print("|---|---|" + "---|" * len(samples))
+    print("| output | size MB | " + " | ".join(compare.SAMPLES.values()) + " |")
+    print("|---|---|" + "---|" * len(compare.SAMPLES))
     for folder in args.outputs:
-        run = compare.ort_run(folder / "model.onnx", 2)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        cells = []
-        for key, texts in samples.items():
-            f = compare.fidelity(compare.embed(run, tokenizer, texts), references[key])
-            cells.append(f"{f['cosine']:.4f} / {f['overlap10']:.3f}")
-        print(f"| {folder.name} | {(folder / 'model.onnx').stat().st_size / 1e6:.1f} | " + " | ".join(cells) + " |")
-
+        measured = held_out.measure(compare.ort_run(folder / "model.onnx", 2), AutoTokenizer.from_pretrained(folder))
+        print(f"| {folder.name} | {(folder / 'model.onnx').stat().st_size / 1e6:.1f} | {held_out.cells(measured)} |")
 
 if __name__ == "__main__":
     main()

@@ -68,12 +68,7 @@ def main() -> None:
     base = yaml.safe_load(FLAGSHIP.read_text())
     loaded = load_model(base["model"])
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    heldout, heldout_label = compare.heldout_texts()
-    docs, docs_label = compare.other_domain_texts(RESULTS_RECIPES, "builtin:python-docs", "Python-documentation texts")
-    fortunes, fortunes_label = compare.other_domain_texts(RESULTS_RECIPES, "builtin:fortunes-heldout",
-                                                          "Debian fortunes on everyday life")
-    samples = {"WordNet slice": heldout, "Python docs": docs, "held-out fortunes": fortunes}
-    references = {key: compare.embed(compare.torch_run(model), tokenizer, texts) for key, texts in samples.items()}
+    held_out = compare.HeldOut(RESULTS_RECIPES, model, tokenizer)
 
     rows = []
     for weight in args.weights:
@@ -90,8 +85,7 @@ def main() -> None:
         if result.exit_code == 0:
             run = compare.ort_run(out / "model.onnx", args.threads)
             own_tokenizer = AutoTokenizer.from_pretrained(str(out))
-            for key, texts in samples.items():
-                row[key] = compare.fidelity(compare.embed(run, own_tokenizer, texts), references[key])
+            row["fidelity"] = held_out.measure(run, own_tokenizer)
             distill = next(p for p in result.report["passes"] if p["name"] == "distill")
             row["seconds_per_step"] = distill["details"].get("seconds_per_step")
             last = distill["details"]["curve"][-1]
@@ -106,7 +100,7 @@ def main() -> None:
              " (MSE between the teacher's and the student's in-batch matrices of pairwise cosines of the pooled"
              " embeddings) at the weight named; output, hidden and attention losses at 1 as in the flagship. Held-out"
              " samples (never trained on), bench/RESULTS.md's (\"this run\" below: its recipes "
-             + ", ".join(RESULTS_RECIPES) + "): " + "; ".join([heldout_label, docs_label, fortunes_label]) + ".",
+             + ", ".join(RESULTS_RECIPES) + "): " + "; ".join(held_out.labels) + ".",
              "Compile seconds are each build's own (a rerun reuses an up-to-date build and reads them from its report).",
              "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled), as bench/compare.py."
              " Last loss terms: the training curve's last running means (unweighted).", "",
@@ -116,7 +110,7 @@ def main() -> None:
         if row["exit_code"] != 0:
             lines.append(f"| {row['label']} | {row['seconds']:.0f} | - | exit code {row['exit_code']} | - | - | - |")
             continue
-        cells = " | ".join(f"{row[k]['cosine']:.4f} / {row[k]['overlap10']:.3f}" for k in samples)
+        cells = held_out.cells(row["fidelity"])
         terms = ", ".join(f"{k} {v:.4f}" for k, v in row["final_terms"].items())
         lines.append(f"| {row['label']} | {row['seconds']:.0f} | {row['seconds_per_step']} | {cells} | {terms} |")
     args.results.write_text("\n".join(lines) + "\n")

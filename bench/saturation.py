@@ -117,7 +117,7 @@ def main() -> None:
             raise SystemExit(f"bench/saturation.py: {folder}/model.onnx does not exist; compile the recipe first "
                              f"(bertpress compile recipes/{folder.name}.yaml).")
     loaded = compare.load_model(compare.MODEL)
-    texts, label = compare.heldout_texts(loaded.tokenizer, loaded.max_length)
+    texts, label = compare.heldout_texts()
     reference = compare.embed(compare.torch_run(loaded.model.eval()), loaded.tokenizer, texts)
     print(f"kernel check (one saturating DynamicQuantizeMatMul): relative error {kernel_check():.3g}; "
           f"{platform.processor() or platform.machine()}")

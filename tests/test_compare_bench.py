@@ -74,3 +74,30 @@ def test_unknown_recipe_name_is_a_clear_usage_error(compare, monkeypatch, capsys
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "no recipe named minilm-fats in recipes/" in err and "minilm-fast-jargon" in err
+
+
+@pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="fortunes not installed")
+def test_held_out_fidelity_scores_the_reference_as_itself_and_a_perturbed_model_lower(compare, tiny):
+    # The one measuring loop compare.py, fidelity_check.py, domain_ablation.py and loss_ablation.py share.
+    import copy
+
+    import torch
+
+    names = ["minilm-fast", "minilm-fast-wordnet"]
+    held_out = compare.HeldOut(names, tiny.model.eval(), tiny.tokenizer)
+    assert list(held_out.samples) == list(compare.SAMPLES)
+    assert [texts for texts, _ in held_out.samples.values()] == \
+        [texts for texts, _ in compare.heldout_samples(names).values()]  # seeded: every script measures the same texts
+    assert all(len(texts) == 256 for texts, _ in held_out.samples.values())
+    itself = held_out.measure(compare.torch_run(tiny.model), tiny.tokenizer)
+    for key, scores in itself.items():
+        assert scores["cosine"] == pytest.approx(1.0, abs=1e-5) and scores["overlap10"] == 1.0, key
+    perturbed = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        for param in perturbed.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    worse = held_out.measure(compare.torch_run(perturbed), tiny.tokenizer)
+    for key in compare.SAMPLES:
+        assert worse[key]["cosine"] < itself[key]["cosine"] - 0.01 and worse[key]["overlap10"] < 1.0, key
+    cells = held_out.cells(worse).split(" | ")
+    assert len(cells) == 3 and cells[0] == f"{worse['wordnet']['cosine']:.4f} / {worse['wordnet']['overlap10']:.3f}"
