@@ -5,17 +5,20 @@ a rank-128 word table), then runs the same distillation (batch 16, max length 64
 attention losses, int8-aware) both ways, alternating, --repeats times each:
   * ``--compare bucket`` (default): random batches (`bucket: false`) against length-grouped ones (`bucket: true`);
   * ``--compare compile``: length-grouped batches in eager PyTorch against the same through torch.compile
-    (`compile: true`); compile-time is in s/step and left out of the steady s/step (after the first 50 steps).
+    (`compile: true`); compile-time is in s/step and left out of the steady s/step (after the first 50 steps);
+  * ``--compare deterministic``: length-grouped, compiled batches with torch's deterministic algorithms off (as before
+    compiler.distillation.deterministic_kernels: Inductor's atomic scatter-adds) against on (what distill runs).
 Prints seconds per step (median over repeats), the share of computed tokens that were padding,
 and held-out fidelity after training (the flagship's 256 held-out WordNet glosses, fp32 graph against
 the original): a faster setting must buy speed, not lose fidelity. One run, ratios within it.
 
-    python bench/distill_throughput.py [--compare bucket|compile] [--steps 400] [--repeats 2] [--threads 2]
+    python bench/distill_throughput.py [--compare bucket|compile|deterministic] [--steps 400] [--repeats 2] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from compiler import distillation as kd  # noqa: E402
 from compiler.calibration import prepare_calibration  # noqa: E402
 from compiler.frontend import example_inputs, load_model, trace  # noqa: E402
 from compiler.validation import compare, hidden_states, run_batches  # noqa: E402
@@ -40,7 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compare", choices=("bucket", "compile"), default="bucket")
+    parser.add_argument("--compare", choices=("bucket", "compile", "deterministic"), default="bucket")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -61,15 +65,29 @@ def main() -> None:
                "texts": "builtin:wordnet", "samples": 100_000, "layer_map": "kept", "qat": True,
                "losses": {"output": 1.0, "hidden": 1.0, "attention": 1.0}, "monitor_every": 10 * args.steps}
     runs: dict[bool, list[dict]] = {False: [], True: []}
-    if args.compare == "compile":
+    if args.compare in ("compile", "deterministic"):
         options["bucket"] = True
-    labels = {"bucket": ("random", "length-grouped"), "compile": ("eager", "torch.compile")}[args.compare]
+    if args.compare == "deterministic":
+        options["compile"] = True
+    labels = {"bucket": ("random", "length-grouped"), "compile": ("eager", "torch.compile"),
+              "deterministic": ("atomic adds", "deterministic")}[args.compare]
+    real_context = kd.deterministic_kernels
+
+    def distill(gm, setting: bool) -> dict:
+        if args.compare != "deterministic":
+            return run_pass("distill", {**options, args.compare: setting}, gm, loaded, calibration).details
+        kd.deterministic_kernels = real_context if setting else contextlib.nullcontext
+        try:
+            return run_pass("distill", options, gm, loaded, calibration).details
+        finally:
+            kd.deterministic_kernels = real_context
+
     load_before = os.getloadavg()
     started = time.perf_counter()
     for repeat in range(args.repeats):
         for setting in ((False, True) if repeat % 2 == 0 else (True, False)):
             gm = copy.deepcopy(student)
-            details = run_pass("distill", {**options, args.compare: setting}, gm, loaded, calibration).details
+            details = distill(gm, setting)
             cosine = compare(reference, run_batches(hidden_states(gm), heldout), heldout).cosine
             steady = details.get("seconds_per_step_steady", details["seconds_per_step"])
             runs[setting].append({"s_per_step": details["seconds_per_step"], "steady": steady,

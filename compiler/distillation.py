@@ -11,6 +11,7 @@ because the fused scaled_dot_product_attention op never materializes them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -22,6 +23,24 @@ from .calibration import tokenize_batches
 from .simulation import is_simulated
 from .structure import BertStructure
 from .validation import pool
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """Run a distillation with torch's deterministic algorithms on (warn-only), and restore the caller's setting.
+
+    Inductor writes the backward of an embedding lookup (an accumulating index_put) as a parallel scatter-add with
+    atomic adds, so on two or more threads a compiled distillation summed the tables' gradients in a different order
+    on every run: the same recipe built twice gave different weights (a 1000-step flagship, held-out cosines 0.0004
+    apart). In deterministic mode Inductor hands that op to ATen's sorted implementation instead. Lowering reads the
+    flag when torch.compile first runs the graph, so the first call must happen inside this context. Eager training
+    was already deterministic and does not change."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _straight_through_weight_int8(weight: torch.Tensor) -> torch.Tensor:

@@ -158,20 +158,22 @@ class Distill(Pass):
         if cfg.compile:
             teacher, student = _compiled(teacher), _compiled(student)
         flags = {name: p.requires_grad for name, p in gm.named_parameters()}
-        try:
-            for name, param in gm.named_parameters():
-                param.requires_grad_(name in trained)
-            with torch.no_grad():
-                monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling)
-                                   for b in monitor_batches]
-            history = self._train(student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches,
-                                  monitor_targets, [p for n, p in gm.named_parameters() if n in trained], ctx)
-            # The plain graph: no probe, no simulated training ops.
-            graph = hidden_states(gm)
-            history["monitor_cosine_graph"] = round(self._monitor_cosine(graph, monitor_batches, monitor_targets), 4)
-        finally:
-            for name, param in gm.named_parameters():
-                param.requires_grad_(flags[name])
+        # Bit-identical weights from run to run at a given thread count, compiled or not: kd.deterministic_kernels.
+        with kd.deterministic_kernels():
+            try:
+                for name, param in gm.named_parameters():
+                    param.requires_grad_(name in trained)
+                with torch.no_grad():
+                    monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling)
+                                       for b in monitor_batches]
+                history = self._train(student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches,
+                                      monitor_targets, [p for n, p in gm.named_parameters() if n in trained], ctx)
+                # The plain graph: no probe, no simulated training ops.
+                graph = hidden_states(gm)
+                history["monitor_cosine_graph"] = round(self._monitor_cosine(graph, monitor_batches, monitor_targets), 4)
+            finally:
+                for name, param in gm.named_parameters():
+                    param.requires_grad_(flags[name])
         details = {"texts": source, "training_texts": len(texts), "epochs": stream.epochs, "layer_map": layer_map,
                    "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
                    "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, "bucket": cfg.bucket,
