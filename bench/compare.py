@@ -647,8 +647,8 @@ def main() -> None:
     context = {"environment": f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}, {machine.cpu}",
                "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
                "seconds": time.perf_counter() - started, "compile_seconds": compile_seconds, "threads": args.threads,
-               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": held_out.samples["wordnet"][1], "docs": held_out.samples["docs"][1],
-               "fortunes": held_out.samples["fortunes"][1],
+               "rounds1": args.rounds1, "rounds32": args.rounds32, "heldout": held_out.samples["wordnet"][1],
+               "docs": held_out.samples["docs"][1], "fortunes": held_out.samples["fortunes"][1],
                "sample_also": sorted(set(args.sample_also) - set(recipes)),
                "machine": _roofline_label(machine.as_dict())}
     write_results(args.results, context, rows, recipes, inspected, command)

@@ -36,5 +36,6 @@ def main() -> None:
         measured = held_out.measure(compare.ort_run(folder / "model.onnx", 2), AutoTokenizer.from_pretrained(folder))
         print(f"| {folder.name} | {(folder / 'model.onnx').stat().st_size / 1e6:.1f} | {held_out.cells(measured)} |")
 
+
 if __name__ == "__main__":
     main()
