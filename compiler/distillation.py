@@ -31,8 +31,8 @@ def deterministic_kernels():
 
     Inductor writes the backward of an embedding lookup (an accumulating index_put) as a parallel scatter-add with
     atomic adds, so on two or more threads a compiled distillation summed the tables' gradients in a different order
-    on every run: the same recipe built twice gave different weights (a 1000-step flagship, held-out cosines 0.0004
-    apart). In deterministic mode Inductor hands that op to ATen's sorted implementation instead. Lowering reads the
+    on every run: the same recipe built twice gave different weights (most likely why a 1000-step flagship, rebuilt,
+    moved held-out cosine by 0.0004). In deterministic mode Inductor hands that op to ATen's sorted implementation instead. Lowering reads the
     flag when torch.compile first runs the graph, so the first call must happen inside this context. Eager training
     was already deterministic and does not change."""
     enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
