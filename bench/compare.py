@@ -435,6 +435,16 @@ def plot_tradeoff(rows: list[dict], plain: dict, path: Path) -> Path:
     return path
 
 
+def chart_path(results: Path) -> Path:
+    """The trade-off chart beside a results file: RESULTS.md's is tradeoff.png, RESULTS-x.md's (or x.md's) tradeoff-x.png.
+
+    A partial run written to its own results file must not overwrite the chart the main results link to.
+    """
+    stem = results.stem
+    suffix = stem[len("RESULTS"):] if stem.startswith("RESULTS") else "-" + stem
+    return results.parent / f"tradeoff{suffix}.png"
+
+
 def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, inspected: list[dict], command: str) -> None:
     lines = ["# bertpress vs peers on all-MiniLM-L6-v2 (written by bench/compare.py)", "",
              f"Command: `{command}`", "",
@@ -530,7 +540,7 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
         lines += ["", "Where its bytes are (cost model, as stored): " + ", ".join(
             f"{name} {c.get('bytes', 0) / 1e6:.2f} MB ({c.get('bytes', 0) / total:.0%})"
             for name, c in compiled.items() if c.get("bytes")) + "."]
-    chart = plot_tradeoff(rows, plain, path.parent / "tradeoff.png")
+    chart = plot_tradeoff(rows, plain, chart_path(path))
     lines += ["", f"### Trade-off: every model above, by speed and fidelity (chart: [{chart.name}]({chart.name}))", "",
               "| model | b32 speedup | smaller | cosine | top-10 overlap |", "|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: plain["b32_ms"] / r["b32_ms"]):

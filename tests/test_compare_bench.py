@@ -101,3 +101,9 @@ def test_held_out_fidelity_scores_the_reference_as_itself_and_a_perturbed_model_
         assert worse[key]["cosine"] < itself[key]["cosine"] - 0.01 and worse[key]["overlap10"] < 1.0, key
     cells = held_out.cells(worse).split(" | ")
     assert len(cells) == 3 and cells[0] == f"{worse['wordnet']['cosine']:.4f} / {worse['wordnet']['overlap10']:.3f}"
+
+
+def test_a_partial_run_writes_its_own_chart_not_the_main_results_one(compare, tmp_path):
+    assert compare.chart_path(tmp_path / "RESULTS.md") == tmp_path / "tradeoff.png"
+    assert compare.chart_path(tmp_path / "RESULTS-jargon.md") == tmp_path / "tradeoff-jargon.png"
+    assert compare.chart_path(tmp_path / "mine.md") == tmp_path / "tradeoff-mine.png"
