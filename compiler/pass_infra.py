@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
@@ -177,6 +178,9 @@ class Pass:
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
+# Each registered pass class's source file as it was when the class was registered (imported). The pass store keys
+# a result by the code that computed it, not by what is on disk when the pass runs, perhaps an hour of training later.
+_SOURCES: dict[type, bytes] = {}
 _BUILTINS_LOADED = False
 # What a pass may list in ``requires``: the analyses and data a PassContext hands it.
 ANALYSES = ("structure", "calibration", "reference", "tokenizer")
@@ -202,7 +206,28 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
         raise TypeError(f"pass name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
     _REGISTRY[name] = cls
+    try:
+        _SOURCES[cls] = _read_source(cls)
+    except (OSError, TypeError):  # no source file (a class made in a notebook cell): the pass store cannot key it
+        _SOURCES.pop(cls, None)
     return cls
+
+
+def _read_source(cls: type) -> bytes:
+    path = inspect.getsourcefile(cls)
+    if not path:
+        return cls.__qualname__.encode()
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def registered_source(cls: type) -> bytes:
+    """The source file of a pass class as it was when the class was registered (read now if it never was).
+
+    Raises OSError or TypeError when the class has no source file: the pass store then runs the pass, unkeyed.
+    """
+    source = _SOURCES.get(cls)
+    return source if source is not None else _read_source(cls)
 
 
 def _load_builtins() -> None:

@@ -19,8 +19,9 @@ neither reads nor writes it. The newest :data:`KEEP` entries are kept. Entries a
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
+import importlib.util
 import json
 import os
 import platform
@@ -105,15 +106,27 @@ def _source_digest(package_dir: Path, skip: tuple[str, ...] = ()) -> str:
     return _sha(*(p.relative_to(package_dir).as_posix().encode() + b"\0" + p.read_bytes() for p in files))
 
 
-def code_digest(pass_cls: type) -> str:
-    """The sources a pass runs with: the compiler minus its post-pass modules, the built-in passes, the pass's own file."""
-    import compiler
-    import passes
+@functools.cache
+def _packages_digest() -> str:
+    """The compiler's sources (minus its post-pass modules) and the built-in passes', read once per process."""
+    passes_spec = importlib.util.find_spec("passes")
+    passes_dir = Path(next(iter(passes_spec.submodule_search_locations))) if passes_spec else None
+    return _sha(_source_digest(Path(__file__).resolve().parent, POST_PASS_MODULES).encode(),
+                _source_digest(passes_dir).encode() if passes_dir else b"")
 
-    own = inspect.getsourcefile(pass_cls)
-    return _sha(_source_digest(Path(compiler.__file__).parent, POST_PASS_MODULES).encode(),
-                _source_digest(Path(passes.__file__).parent).encode(),
-                Path(own).read_bytes() if own else pass_cls.__qualname__.encode())
+
+def code_digest(pass_cls: type) -> str:
+    """The sources a pass runs with: the compiler minus its post-pass modules, the built-in passes, the pass's own file.
+
+    All are read as the process loaded them (the packages when this module is imported, a pass's own file when the
+    pass was registered), so an edit made on disk during a compile does not go into the key of the code that ran.
+    """
+    from .pass_infra import registered_source
+
+    return _sha(_packages_digest().encode(), registered_source(pass_cls))
+
+
+_packages_digest()  # at import, with the compiler: the sources this process runs
 
 
 def _cpu() -> str:

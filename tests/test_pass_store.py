@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from compiler import pass_store
+from compiler import pass_infra, pass_store
 from compiler.calibration import load_texts
 from compiler.cli import main
 from compiler.compile import compile_recipe
@@ -205,3 +207,36 @@ def test_the_key_follows_the_graphs_tensors_not_just_its_code():
     with torch.no_grad():
         other.get_submodule("0").bias[0] += 1e-6
     assert pass_store.graph_digest(gm) != pass_store.graph_digest(other)
+
+
+PLUGIN = '''from compiler.pass_infra import Pass, PassResult, register_pass
+
+
+@register_pass
+class EditedWhileCompiling(Pass):
+    """A plugin pass whose file is edited on disk after it was imported."""
+
+    name = "test-edited-while-compiling"
+    kind = "lossy"
+    weights_only = True
+
+    def run(self, gm, ctx):
+        return PassResult(gm, changed=False)
+'''
+
+
+def test_the_key_is_of_the_code_that_was_loaded_not_of_an_edit_made_on_disk_since(tmp_path, monkeypatch):
+    (tmp_path / "edited_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("edited_plugin")
+        loaded = pass_store.code_digest(module.EditedWhileCompiling)
+        # An edit made while a compile runs (the module stays as it was imported): the key must not follow it.
+        (tmp_path / "edited_plugin.py").write_text(PLUGIN.replace("changed=False", "changed=True"))
+        assert pass_store.code_digest(module.EditedWhileCompiling) == loaded
+        # A process that imports the edited code (here: a reload) keys it anew.
+        reloaded = importlib.reload(module)
+        assert pass_store.code_digest(reloaded.EditedWhileCompiling) != loaded
+    finally:
+        pass_infra._REGISTRY.pop("test-edited-while-compiling", None)
+        sys.modules.pop("edited_plugin", None)
