@@ -1,0 +1,186 @@
+"""Which of the flagship's compressions costs its fidelity off the distillation text? Undo one at a time.
+
+The flagship (recipes/minilm-fast.yaml) compresses MiniLM three ways before distilling: it drops 2 of 6 blocks, keeps
+960 of 1536 FFN neurons and factorizes the word table (rank 128). It keeps 0.952 cosine on the held-out WordNet slice
+(the kind of text it distills on) but 0.929 on Python documentation and 0.907 on held-out fortunes. This script builds
+the flagship's structure and three variants that each undo one compression, every one with the same shortened
+distillation on the flagship's text, and measures each on bench/compare.py's three held-out samples (the same texts as
+bench/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
+undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
+costs in speed or size is in the same table.
+
+Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
+show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
+BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored distillation. Builds are kept under
+--out-root and reused when their recipe text is unchanged (--fresh rebuilds), so an interrupted run resumes.
+
+    python bench/capacity_ablation.py [--steps 3000 1000] [--variants ...] [--rounds32 7] [--results bench/CAPACITY.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Eight short distillations would evict longer ones (the flagship's) from the pass store, which keeps 8 entries.
+os.environ.setdefault("BERTPRESS_PASS_STORE", "off")
+
+import compare  # noqa: E402
+
+FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
+# bench/RESULTS.md's run: the held-out samples avoid the texts these recipes train on, so the figures sit beside it.
+RESULTS_RECIPES = ["minilm-drop2-int8", "minilm-fast", "minilm-fast-wordnet", "minilm-fast-wordnet-docstrings",
+                   "minilm-int8", "minilm-prune-int8"]
+VARIANTS = {  # key -> (label, the flagship's passes it leaves out)
+    "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", ()),
+    "blocks": ("all 6 blocks kept", ("layer-drop",)),
+    "ffn": ("all 1536 FFN neurons kept", ("prune-ffn",)),
+    "table": ("full word table kept (no low-rank)", ("low-rank",)),
+}
+
+
+def variant_recipe(base: dict, leave_out: tuple[str, ...], steps: int) -> dict:
+    """The flagship recipe without the passes ``leave_out``, its distillation shortened to ``steps``."""
+    recipe = copy.deepcopy(base)
+    passes = []
+    for step in recipe["passes"]:
+        (name, config), = step.items()
+        if name in leave_out:
+            continue
+        if name == "distill":
+            config["steps"] = steps
+        passes.append({name: config})
+    recipe["passes"] = passes
+    return recipe
+
+
+def build(key: str, steps: int, base: dict, out_root: Path, fresh: bool) -> dict:
+    """Compile one variant (or reuse its earlier build of the same recipe text); a row of what it gave."""
+    from compiler.compile import compile_recipe
+    from compiler.recipe import load_recipe_text
+
+    label, leave_out = VARIANTS[key]
+    text = yaml.safe_dump(variant_recipe(base, leave_out, steps), sort_keys=False)
+    out = out_root / f"{key}-{steps}"
+    row = {"key": key, "label": label, "steps": steps, "out": str(out)}
+    stored = out / "ablation-recipe.yaml"
+    if not fresh and stored.is_file() and stored.read_text() == text and (out / "model.onnx").is_file():
+        print(f"[capacity] {label}, {steps} steps: reusing {out}", flush=True)
+        row["reused"] = True
+    else:
+        recipe = load_recipe_text(text, file=f"<{key}-{steps}>", base_dir=FLAGSHIP.parent)
+        print(f"[capacity] {label}, {steps} steps: compiling -> {out}", flush=True)
+        result = compile_recipe(recipe, out)
+        if result.exit_code != 0:
+            row["exit_code"] = result.exit_code
+            return row
+        stored.write_text(text)
+    report = json.loads((out / "report.json").read_text())
+    distill = next(p for p in report["passes"] if p["name"] == "distill")
+    row.update(exit_code=0, bytes=(out / "model.onnx").stat().st_size,
+               architecture=compare.architecture(report), distill_cosine=distill["checks"].get("cosine"),
+               distill_seconds=distill.get("seconds"), compile_seconds=(report.get("timings") or {}).get("total"),
+               estimated_ms=report["cost"]["compiled"].get("latency_ms"))
+    return row
+
+
+def write_results(path: Path, rows: list[dict], context: dict) -> None:
+    lines = ["# What the flagship's compressions cost off its distillation text (written by bench/capacity_ablation.py)",
+             "", f"Command: `{context['command']}`", "", f"{context['environment']}. Load average before / after:"
+             f" {context['load_before']} / {context['load_after']} (2 cores). Whole run {context['seconds'] / 60:.1f} min.", "",
+             "Each variant is recipes/minilm-fast.yaml with its distillation shortened to the steps shown and the named"
+             " compression left out; everything else (text, losses, int8, vocabulary cut) as the flagship. Held-out"
+             " samples, the same as bench/RESULTS.md's: " + "; ".join(context["samples"]) + ".",
+             "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled). Speed: batch 32 x seq"
+             f" 128, {context['threads']} threads, {context['rounds32']} interleaved rounds with the plain fp32 export"
+             f" (median {context['plain_ms']:.0f} ms, {context['plain_bytes'] / 1e6:.1f} MB); 'smaller' against its"
+             " model.onnx.", "",
+             "| variant | steps | encoder | size MB | smaller | b32 speedup | distill s/step | WordNet slice |"
+             " Python docs | held-out fortunes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("exit_code") != 0:
+            lines.append(f"| {row['label']} | {row['steps']} | - | - | - | - | - | exit code {row.get('exit_code')} | - | - |")
+            continue
+        per_step = row["distill_seconds"] / row["steps"] if row.get("distill_seconds") else None
+        lines.append(f"| {row['label']} | {row['steps']} | {row['architecture']} | {row['bytes'] / 1e6:.1f} |"
+                     f" {context['plain_bytes'] / row['bytes']:.1f}x | {context['plain_ms'] / row['b32_ms']:.2f}x |"
+                     f" {'-' if per_step is None else f'{per_step:.3f}'} | {row['cells']} |")
+    lines += ["", "distill s/step is the whole distill pass (its torch.compile warm-up and held-out checks included) over"
+              " its steps; a reused build shows its own compile's figure."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[3000, 1000],
+                        help="distillation lengths, built in this order (default: 3000 1000)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds32", type=int, default=7)
+    parser.add_argument("--fresh", action="store_true", help="rebuild even when a build of the same recipe text exists")
+    parser.add_argument("--out-root", type=Path, default=ROOT / "out" / "capacity-ablation")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "CAPACITY.md")
+    args = parser.parse_args()
+    command = "python bench/capacity_ablation.py " + " ".join(sys.argv[1:])
+    started = time.perf_counter()
+    load_before = [round(x, 1) for x in os.getloadavg()]
+    import torch
+    from transformers import AutoTokenizer
+
+    from compiler import roofline
+    from compiler.frontend import example_inputs, load_model, trace
+    from compiler.lowering import export_onnx
+    from compiler.report import environment
+
+    torch.set_num_threads(args.threads)
+    base = yaml.safe_load(FLAGSHIP.read_text())
+    rows = [build(key, steps, base, args.out_root, args.fresh) for steps in args.steps for key in args.variants]
+    built = [row for row in rows if row.get("exit_code") == 0]
+
+    loaded = load_model(base["model"])
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    held_out = compare.HeldOut(RESULTS_RECIPES, model, tokenizer)
+    runs = {}
+    for row in built:
+        out = Path(row["out"])
+        runs[row["out"]] = compare.ort_run(out / "model.onnx", args.threads)
+        measured = held_out.measure(runs[row["out"]], AutoTokenizer.from_pretrained(str(out)))
+        row.update(fidelity=measured, cells=held_out.cells(measured))
+        print(f"[capacity] {row['label']}, {row['steps']} steps: {row['cells']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bertpress-capacity-") as tmp:
+        example = example_inputs(tokenizer)
+        plain = export_onnx(trace(model, example, max_length=loaded.max_length), example, Path(tmp) / "plain.onnx")
+        runs["plain"] = compare.ort_run(plain, args.threads)
+        plain_bytes = plain.stat().st_size
+        vocab = min([int(loaded.config.vocab_size)] + [compare.vocab_size(Path(r["out"])) for r in built])
+        print(f"[capacity] timing batch 32: {args.rounds32} interleaved rounds of {len(runs)} models", flush=True)
+        timings = compare.interleaved(runs, compare.synthetic_batch(32, compare.SEQ, vocab), args.rounds32)
+    for row in built:
+        row["b32_ms"] = 1e3 * statistics.median(timings[row["out"]])
+    env = environment()
+    context = {"command": command, "threads": args.threads, "rounds32": args.rounds32,
+               "environment": f"onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')},"
+                              f" {roofline.machine(args.threads).cpu}",
+               "load_before": load_before, "load_after": [round(x, 1) for x in os.getloadavg()],
+               "seconds": time.perf_counter() - started, "samples": held_out.labels,
+               "plain_ms": 1e3 * statistics.median(timings["plain"]), "plain_bytes": plain_bytes}
+    write_results(args.results, rows, context)
+    args.results.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=2, default=str) + "\n")
+    print(args.results.read_text())
+
+
+if __name__ == "__main__":
+    main()
