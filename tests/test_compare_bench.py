@@ -107,3 +107,33 @@ def test_a_partial_run_writes_its_own_chart_not_the_main_results_one(compare, tm
     assert compare.chart_path(tmp_path / "RESULTS.md") == tmp_path / "tradeoff.png"
     assert compare.chart_path(tmp_path / "RESULTS-jargon.md") == tmp_path / "tradeoff-jargon.png"
     assert compare.chart_path(tmp_path / "mine.md") == tmp_path / "tradeoff-mine.png"
+
+
+def test_the_chart_labels_every_model_on_every_panel_and_no_two_labels_overlap(compare, tmp_path):
+    """bench/RESULTS.json's rows (two baselines at 1x, flagships 0.0004 apart): one panel per held-out sample and
+    measure, every model named on each, no label drawn over another, and --replot writes the chart from the JSON."""
+    import json
+    import shutil
+
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((ROOT / "bench" / "RESULTS.json").read_text())["rows"]
+    plain = next(r for r in rows if r["name"] == "plain fp32 ONNX export")
+    figure = compare.tradeoff_figure(rows, plain)
+    try:
+        renderer = figure.canvas.get_renderer()
+        assert len(figure.axes) == 2 * len(compare.SAMPLES)
+        short = [r["name"].replace("recipe ", "") for r in rows if not r["name"].startswith("peer")]
+        for axis in figure.axes:
+            labels = [text.get_text() for text in axis.texts]
+            named = [name for label in labels for name in label.split(" / ")]
+            assert sorted(named) == sorted(short + ["peer pipeline"]), axis.get_title()
+            boxes = [text.get_window_extent(renderer) for text in axis.texts]
+            overlapping = [(labels[i], labels[j]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                           if boxes[i].overlaps(boxes[j])]
+            assert not overlapping, (axis.get_title(), overlapping)
+    finally:
+        plt.close(figure)
+    shutil.copy(ROOT / "bench" / "RESULTS.json", tmp_path / "RESULTS.json")
+    assert compare.replot(tmp_path / "RESULTS.md") == tmp_path / "tradeoff.png"
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
