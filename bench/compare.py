@@ -407,6 +407,10 @@ def tradeoff_figure(rows: list[dict], plain: dict):
     from adjustText import adjust_text
 
     prefixes = {"wordnet": "", "docs": "docs_", "fortunes": "fortunes_"}
+    family = [r for r in rows if r["name"].startswith("recipe minilm-fast")]
+    # Members of the family with one encoder shape (layers, heads, FFN) differ only in their distillation (its length
+    # or its text): joined, they are what the distillation buys at that speed.
+    shapes = sorted({r["architecture"] for r in family if r.get("architecture")})
     figure, axes = plt.subplots(2, 3, figsize=(17, 10))
     for column, (sample, title) in enumerate(SAMPLES.items()):
         for line, (measure, label, goal) in enumerate((("cosine", "mean cosine", TARGETS["cosine"]),
@@ -414,14 +418,21 @@ def tradeoff_figure(rows: list[dict], plain: dict):
             axis, key = axes[line][column], prefixes[sample] + measure
             points = []  # [speed, value, names]: points closer than the labels' own size share one label
             span = max(r[key] for r in rows) - min(r[key] for r in rows) or 1.0
+            speeds = [plain["b32_ms"] / r["b32_ms"] for r in rows]
+            x_span = max(speeds) - min(speeds) or 1.0
+            for shape, style in zip(shapes, ("-", "--", "-.", (0, (1, 1)))):
+                curve = sorted((r for r in family if r.get("architecture") == shape), key=lambda r: r[key])
+                if len(curve) > 1:
+                    axis.plot([plain["b32_ms"] / r["b32_ms"] for r in curve], [r[key] for r in curve], color="tab:red",
+                              linestyle=style, linewidth=1, alpha=0.6, label=f"{shape}: one encoder, distilled differently")
             for row in rows:
                 speed, value = plain["b32_ms"] / row["b32_ms"], row[key]
-                flagship = row["name"].startswith("recipe minilm-fast")
+                flagship = row in family
                 axis.scatter(speed, value, s=40 if flagship else 25, zorder=3, color="tab:red" if flagship else
                              "tab:blue" if row["name"].startswith("recipe ") else "tab:gray")
                 name = row["name"].replace("recipe ", "").replace("peer: legacy export + ORT optimizer + int8 per-channel",
                                                                   "peer pipeline")
-                near = next((p for p in points if abs(p[0] - speed) < 0.08 and abs(p[1] - value) < 0.012 * span), None)
+                near = next((p for p in points if abs(p[0] - speed) < 0.015 * x_span and abs(p[1] - value) < 0.012 * span), None)
                 if near:
                     near[2].append(name)
                 else:
@@ -440,7 +451,10 @@ def tradeoff_figure(rows: list[dict], plain: dict):
     figure.suptitle("all-MiniLM-L6-v2: speed against fidelity on three held-out samples (bench/compare.py). Dotted: the"
                     f" flagship's goals ({TARGETS['speedup32']:g}x; cosine {TARGETS['cosine']:g}, top-10 overlap"
                     f" {TARGETS['overlap']:g}), set on the WordNet slice", fontsize=10)
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.tight_layout(rect=(0, 0.03 if handles else 0, 1, 1))
+    if handles:
+        figure.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     return figure
 
 
