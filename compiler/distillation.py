@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +35,37 @@ def deterministic_kernels():
     on every run: the same recipe built twice gave different weights (most likely why a 1000-step flagship, rebuilt,
     moved held-out cosine by 0.0004). In deterministic mode Inductor hands that op to ATen's sorted implementation instead. Lowering reads the
     flag when torch.compile first runs the graph, so the first call must happen inside this context. Eager training
-    was already deterministic and does not change."""
+    was already deterministic and does not change.
+
+    Warn-only, because an op with no deterministic kernel (a plugin's, say) should not stop a build; but then rebuilds
+    may differ. Yields a list that collects the names of such ops as torch warns about them (each warning is passed on
+    as well), so the pass can report them instead of leaving them in a log."""
     enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    nondeterministic: list[str] = []
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if NONDETERMINISTIC_WARNING in text:
+            op = text.split(NONDETERMINISTIC_WARNING)[0].strip()
+            if op not in nondeterministic:
+                nondeterministic.append(op)
+        show(message, category, filename, lineno, file, line)
+
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch warns once per op and call site; "always" lets each op of this run reach the recorder even if an
+            # earlier run in this process already warned about it.
+            warnings.filterwarnings("always", message=f".*{NONDETERMINISTIC_WARNING}")
+            warnings.showwarning = record
+            yield nondeterministic
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+# torch's message for an op with no deterministic kernel under use_deterministic_algorithms(True, warn_only=True).
+NONDETERMINISTIC_WARNING = "does not have a deterministic implementation"
 
 
 def _straight_through_weight_int8(weight: torch.Tensor) -> torch.Tensor:

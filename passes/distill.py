@@ -159,7 +159,7 @@ class Distill(Pass):
             teacher, student = _compiled(teacher), _compiled(student)
         flags = {name: p.requires_grad for name, p in gm.named_parameters()}
         # Bit-identical weights from run to run at a given thread count, compiled or not: kd.deterministic_kernels.
-        with kd.deterministic_kernels():
+        with kd.deterministic_kernels() as nondeterministic:
             try:
                 for name, param in gm.named_parameters():
                     param.requires_grad_(name in trained)
@@ -177,7 +177,10 @@ class Distill(Pass):
         details = {"texts": source, "training_texts": len(texts), "epochs": stream.epochs, "layer_map": layer_map,
                    "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
                    "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, "bucket": cfg.bucket,
-                   "padding_share": round(stream.padding_share, 3), **history}
+                   "padding_share": round(stream.padding_share, 3),
+                   # Ops torch has no deterministic kernel for (warned about while training): if any, a rebuild's
+                   # weights may differ from these.
+                   "nondeterministic_ops": list(nondeterministic), **history}
         # The probe shares the graph's parameters, so the plain graph should score what the probe scored (less
         # the simulated int8 under qat). A fused AdamW once left the probe's monitor at 0.875 and the graph at 0.005
         # held out, and only the pass manager's held-out check saw it; this names the cause.
