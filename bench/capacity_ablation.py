@@ -7,14 +7,16 @@ the flagship's structure and three variants that each undo one compression, ever
 distillation on the flagship's text, and measures each on bench/compare.py's three held-out samples (the same texts as
 bench/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
 undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
-costs in speed or size is in the same table.
+costs in speed or size is in the same table. One more variant (``--variants ... deep``) trades width for depth at the
+flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons.
 
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
 show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
 BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored distillation. Builds are kept under
 --out-root and reused when their recipe text is unchanged (--fresh rebuilds), so an interrupted run resumes.
 
-    python bench/capacity_ablation.py [--steps 3000 1000] [--variants ...] [--rounds32 7] [--results bench/CAPACITY.md]
+    python bench/capacity_ablation.py [--steps 3000 1000] [--variants flagship blocks ffn table deep] [--rounds32 7]
+                                     [--results bench/CAPACITY.md]
 """
 
 from __future__ import annotations
@@ -44,22 +46,31 @@ FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
 # bench/RESULTS.md's run: the held-out samples avoid the texts these recipes train on, so the figures sit beside it.
 RESULTS_RECIPES = ["minilm-drop2-int8", "minilm-fast", "minilm-fast-wordnet", "minilm-fast-wordnet-docstrings",
                    "minilm-int8", "minilm-prune-int8"]
-VARIANTS = {  # key -> (label, the flagship's passes it leaves out)
-    "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", ()),
-    "blocks": ("all 6 blocks kept", ("layer-drop",)),
-    "ffn": ("all 1536 FFN neurons kept", ("prune-ffn",)),
-    "table": ("full word table kept (no low-rank)", ("low-rank",)),
+VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first)
+    "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", (), {}, []),
+    "blocks": ("all 6 blocks kept", ("layer-drop",), {}, []),
+    "ffn": ("all 1536 FFN neurons kept", ("prune-ffn",), {}, []),
+    "table": ("full word table kept (no low-rank)", ("low-rank",), {}, []),
+    # Depth for width at the flagship's FLOPs: 6 blocks x (8 heads, FFN 640) has as many multiply-adds per token in its
+    # linears as 4 x (12 heads, FFN 960). Pruning that much starts lower, so its budget is lowered for the passes
+    # before distill heals them (the flagship's structural passes end at 0.69).
+    "deep": ("6 blocks, 8 heads, FFN 640 (the flagship's linear FLOPs)", ("layer-drop",),
+             {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}}, [{"prune-heads": {"keep": 8}}]),
 }
 
 
-def variant_recipe(base: dict, leave_out: tuple[str, ...], steps: int) -> dict:
-    """The flagship recipe without the passes ``leave_out``, its distillation shortened to ``steps``."""
+def variant_recipe(base: dict, variant: tuple, steps: int) -> dict:
+    """The flagship recipe as ``variant`` (a VARIANTS value) says, its distillation shortened to ``steps``."""
+    _, leave_out, changes, added = variant
     recipe = copy.deepcopy(base)
-    passes = []
+    if "budget" in changes:
+        recipe["budget"] = {**recipe["budget"], **changes["budget"]}
+    passes = copy.deepcopy(added)
     for step in recipe["passes"]:
         (name, config), = step.items()
         if name in leave_out:
             continue
+        config.update(changes.get(name, {}))
         if name == "distill":
             config["steps"] = steps
         passes.append({name: config})
@@ -72,8 +83,8 @@ def build(key: str, steps: int, base: dict, out_root: Path, fresh: bool) -> dict
     from compiler.compile import compile_recipe
     from compiler.recipe import load_recipe_text
 
-    label, leave_out = VARIANTS[key]
-    text = yaml.safe_dump(variant_recipe(base, leave_out, steps), sort_keys=False)
+    label = VARIANTS[key][0]
+    text = yaml.safe_dump(variant_recipe(base, VARIANTS[key], steps), sort_keys=False)
     out = out_root / f"{key}-{steps}"
     row = {"key": key, "label": label, "steps": steps, "out": str(out)}
     stored = out / "ablation-recipe.yaml"
@@ -127,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[3000, 1000],
                         help="distillation lengths, built in this order (default: 3000 1000)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["flagship", "blocks", "ffn", "table"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds32", type=int, default=7)
     parser.add_argument("--fresh", action="store_true", help="rebuild even when a build of the same recipe text exists")
