@@ -621,6 +621,9 @@ def main() -> None:
                         " rows an earlier run measured), without compiling or measuring")
     args = parser.parse_args()
     if args.replot:
+        if not args.results.with_suffix(".json").is_file():
+            parser.error(f"--replot draws from {args.results.with_suffix('.json')}, which does not exist (run compare.py"
+                         " with this --results first)")
         print(replot(args.results))
         return
     known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
