@@ -113,7 +113,8 @@ def write_results(path: Path, rows: list[dict], context: dict) -> None:
              "", f"Command: `{context['command']}`", "", f"{context['environment']}. Load average before / after:"
              f" {context['load_before']} / {context['load_after']} (2 cores). Whole run {context['seconds'] / 60:.1f} min.", "",
              "Each variant is recipes/minilm-fast.yaml with its distillation shortened to the steps shown and the named"
-             " compression left out; everything else (text, losses, int8, vocabulary cut) as the flagship. Held-out"
+             " compression left out (the 6-block, 8-head, FFN-640 variant: layer-drop left out, heads and FFN pruned"
+             " further); everything else (text, losses, int8, vocabulary cut) as the flagship. Held-out"
              " samples, the same as bench/RESULTS.md's: " + "; ".join(context["samples"]) + ".",
              "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled). Speed: batch 32 x seq"
              f" 128, {context['threads']} threads, {context['rounds32']} interleaved rounds with the plain fp32 export"
