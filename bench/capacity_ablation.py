@@ -43,9 +43,8 @@ os.environ.setdefault("BERTPRESS_PASS_STORE", "off")
 import compare  # noqa: E402
 
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
-# bench/RESULTS.md's run: the held-out samples avoid the texts these recipes train on, so the figures sit beside it.
-RESULTS_RECIPES = ["minilm-drop2-int8", "minilm-fast", "minilm-fast-wordnet", "minilm-fast-wordnet-docstrings",
-                   "minilm-int8", "minilm-prune-int8"]
+# The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, so the figures sit beside it.
+RESULTS_RECIPES = compare.results_recipes()
 VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first)
     "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", (), {}, []),
     "blocks": ("all 6 blocks kept", ("layer-drop",), {}, []),

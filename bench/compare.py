@@ -161,6 +161,12 @@ def fidelity(embeddings: np.ndarray, reference: np.ndarray, k: int = 10) -> dict
 SAMPLES = {"wordnet": "WordNet slice", "docs": "Python docs", "fortunes": "held-out fortunes"}
 
 
+def results_recipes() -> list[str]:
+    """The recipes of the run bench/RESULTS.md records (read from its JSON, so a new run moves these with it): scripts
+    that pass them to HeldOut measure on that run's samples, so their figures sit beside RESULTS.md's."""
+    return sorted(json.loads((ROOT / "bench" / "RESULTS.json").read_text())["recipes"])
+
+
 def heldout_samples(names: list[str]) -> dict[str, tuple[list[str], str]]:
     """The three held-out samples, key (as SAMPLES) -> (texts, label): the flagship's held-out WordNet slice, and 256
     Python-documentation texts and 256 held-out fortunes outside every text the recipes ``names`` calibrate or
@@ -411,6 +417,8 @@ def tradeoff_figure(rows: list[dict], plain: dict):
     # Members of the family with one encoder shape (layers, heads, FFN) differ only in their distillation (its length
     # or its text): joined, they are what the distillation buys at that speed.
     shapes = sorted({r["architecture"] for r in family if r.get("architecture")})
+    speeds = [plain["b32_ms"] / r["b32_ms"] for r in rows]
+    x_span = max(speeds) - min(speeds) or 1.0
     figure, axes = plt.subplots(2, 3, figsize=(17, 10))
     for column, (sample, title) in enumerate(SAMPLES.items()):
         for line, (measure, label, goal) in enumerate((("cosine", "mean cosine", TARGETS["cosine"]),
@@ -418,8 +426,6 @@ def tradeoff_figure(rows: list[dict], plain: dict):
             axis, key = axes[line][column], prefixes[sample] + measure
             points = []  # [speed, value, names]: points closer than the labels' own size share one label
             span = max(r[key] for r in rows) - min(r[key] for r in rows) or 1.0
-            speeds = [plain["b32_ms"] / r["b32_ms"] for r in rows]
-            x_span = max(speeds) - min(speeds) or 1.0
             for shape, style in zip(shapes, ("-", "--", "-.", (0, (1, 1)))):
                 curve = sorted((r for r in family if r.get("architecture") == shape), key=lambda r: r[key])
                 if len(curve) > 1:

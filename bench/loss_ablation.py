@@ -34,9 +34,8 @@ from compiler.compile import compile_recipe  # noqa: E402
 from compiler.recipe import load_recipe_text  # noqa: E402
 
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
-# The recipes of the run bench/RESULTS.md records (read from its JSON, so a new run moves these samples with it):
-# the samples avoid what they calibrate and train on, as that run's did.
-RESULTS_RECIPES = sorted(json.loads((ROOT / "bench" / "RESULTS.json").read_text())["recipes"])
+# The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, as that run's did.
+RESULTS_RECIPES = compare.results_recipes()
 
 
 def arm_recipe(base: dict, steps: int, similarity: float) -> dict:
