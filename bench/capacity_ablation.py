@@ -45,7 +45,8 @@ import compare  # noqa: E402
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
 # The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, so the figures sit beside it.
 RESULTS_RECIPES = compare.results_recipes()
-VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first)
+VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first
+    #         [, passes it adds last])
     "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", (), {}, []),
     "blocks": ("all 6 blocks kept", ("layer-drop",), {}, []),
     "ffn": ("all 1536 FFN neurons kept", ("prune-ffn",), {}, []),
@@ -55,12 +56,21 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # before distill heals them (the flagship's structural passes end at 0.69).
     "deep": ("6 blocks, 8 heads, FFN 640 (the flagship's linear FLOPs)", ("layer-drop",),
              {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}}, [{"prune-heads": {"keep": 8}}]),
+    # Word-table storage against width: int4 rows (quantize-embeddings dtype int4, position and token-type tables
+    # stay int8) spend the bytes int8 rows of the rank-128 table take on a wider table. The int4 step runs last.
+    "int4rows": ("rank-128 word table in int4 rows (block 32)", (), {"quantize-embeddings": {"tables": ["position", "token_type"]}},
+                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 32}}]),
+    "rank256": ("rank-256 word table in int4 rows (block 64)", (),
+                {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]}},
+                [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
+    "table4": ("full word table in int4 rows (block 32)", ("low-rank",), {"quantize-embeddings": {"tables": ["position", "token_type"]}},
+               [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 32}}]),
 }
 
 
 def variant_recipe(base: dict, variant: tuple, steps: int) -> dict:
     """The flagship recipe as ``variant`` (a VARIANTS value) says, its distillation shortened to ``steps``."""
-    _, leave_out, changes, added = variant
+    _, leave_out, changes, added, *appended = variant
     recipe = copy.deepcopy(base)
     if "budget" in changes:
         recipe["budget"] = {**recipe["budget"], **changes["budget"]}
@@ -73,7 +83,7 @@ def variant_recipe(base: dict, variant: tuple, steps: int) -> dict:
         if name == "distill":
             config["steps"] = steps
         passes.append({name: config})
-    recipe["passes"] = passes
+    recipe["passes"] = passes + copy.deepcopy(appended[0] if appended else [])
     return recipe
 
 

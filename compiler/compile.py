@@ -171,7 +171,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
 
             precision = state.lowering["embedding_precision"]
             tables = {target: get_tensor(final, target).detach().numpy() for target in precision}
-            lowered.notes.append(f"embeddings: {store_embeddings(lowered.model_path, precision, tables)}")
+            blocks = state.lowering.get("int4_tables")
+            lowered.notes.append(f"embeddings: {store_embeddings(lowered.model_path, precision, tables, blocks)}")
         if state.lowering.get("sparse_weights"):
             from .lowering.sparse import store_sparse
 

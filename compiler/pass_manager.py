@@ -114,8 +114,9 @@ class PassManager:
             int8_weights=set(state.lowering.get("int8_weights", ())),
             fp16_weights=set(state.lowering.get("fp16_weights", ())),
             sparse_weights=set(state.lowering.get("sparse_weights", ())), machine=self.machine,
-            int4_weights={target: (hint["block_size"], hint.get("zero_points") is not None)
-                          for target, hint in state.lowering.get("int4_weights", {}).items()},
+            int4_weights={**{target: (hint["block_size"], hint.get("zero_points") is not None)
+                             for target, hint in state.lowering.get("int4_weights", {}).items()},
+                          **{target: (block, False) for target, block in state.lowering.get("int4_tables", {}).items()}},
         )
 
     def fidelity(self, outputs: list[torch.Tensor], state: CompileState | None = None):
@@ -327,7 +328,7 @@ class PassManager:
 
 
 # Lowering hints keyed by a name inside (output files, embedding tables), merged entry by entry.
-MERGED_BY_NAME = ("files", "config", "embedding_precision", "int4_weights")
+MERGED_BY_NAME = ("files", "config", "embedding_precision", "int4_weights", "int4_tables")
 
 
 def _replay(gm: torch.fx.GraphModule, stored: Stored) -> PassResult:

@@ -143,8 +143,9 @@ def test_minilm_pairing_removes_most_ffn_saturation_and_keeps_the_function(tmp_p
     assert fidelity(paired) >= fidelity(res.model_path) - 1e-6
 
 
-def test_a_compile_of_the_flagship_form_pairs_the_ffn_and_the_word_table_rank(tmp_path, tiny_dir):
-    """The flagship's lowering path (factorized int8 word table, int8 linears), end to end through the CLI."""
+@pytest.mark.parametrize("table", ["{dtype: int8}", "{dtype: int4, block_size: 16}"])
+def test_a_compile_of_the_flagship_form_pairs_the_ffn_and_the_word_table_rank(tmp_path, tiny_dir, table):
+    """The flagship's lowering path (factorized int8 or int4 word table, int8 linears), end to end through the CLI."""
     import json
 
     from compiler.cli import main
@@ -157,7 +158,7 @@ budget: {{min: 0.5}}
 passes:
   - low-rank: {{target: embeddings, rank: 16}}
   - quantize-linear: {{dtype: int8}}
-  - quantize-embeddings: {{dtype: int8}}
+  - quantize-embeddings: {table}
 """)
     out = tmp_path / "out"
     assert main(["compile", str(recipe), "--out", str(out)]) == 0

@@ -71,6 +71,13 @@ def _last_dim(value: ir.Value) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def _is_2d_reshape(value: ir.Value) -> bool:
+    """Whether `value` is the output of a Reshape to a constant 2-D shape (a table rebuilt from stored parts)."""
+    producer = value.producer()
+    shape = _const(producer.inputs[1]) if producer is not None and producer.op_type == "Reshape" else None
+    return shape is not None and shape.size == 2
+
+
 class _Finder:
     def __init__(self, seed: ir.Value, size: int):
         self.group = ChannelGroup(size=size)
@@ -163,6 +170,11 @@ class _Finder:
             self._add(ins[0])
             self._add(ins[1])
             self._add(node.outputs[0])
+        elif (op == "Gather" and output is not None and node.attributes.get_int("axis", 0) in (1, -1)
+              and _const(ins[1]) is not None and _const(ins[1]).ndim == 1 and _is_2d_reshape(ins[0])):
+            # A table rebuilt from packed int4 ends in a Gather of its columns by a constant order
+            # (lowering/embeddings.py): permuting the order permutes the table, the nibbles stay as stored.
+            self._permute(ins[1], 0)
         elif op == "Gather":
             axis = node.attributes.get_int("axis", 0)
             rank = len(ins[0].shape) if ins[0].shape is not None else None
