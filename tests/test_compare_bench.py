@@ -137,3 +137,27 @@ def test_the_chart_labels_every_model_on_every_panel_and_no_two_labels_overlap(c
     shutil.copy(ROOT / "bench" / "RESULTS.json", tmp_path / "RESULTS.json")
     assert compare.replot(tmp_path / "RESULTS.md") == tmp_path / "tradeoff.png"
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_every_capacity_ablation_variant_is_a_recipe_that_validates(monkeypatch):
+    import yaml
+
+    from compiler.recipe import load_recipe_text
+
+    monkeypatch.setenv("BERTPRESS_PASS_STORE", "off")  # the script sets it at import; undone after the test
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_capacity_ablation", ROOT / "bench" / "capacity_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = yaml.safe_load(module.FLAGSHIP.read_text())
+    for key, variant in module.VARIANTS.items():
+        recipe = module.variant_recipe(base, variant, 123)
+        steps = load_recipe_text(yaml.safe_dump(recipe, sort_keys=False), file=key, base_dir=module.FLAGSHIP.parent).steps
+        names = [step.name for step in steps]
+        assert dict((s.name, s.config) for s in steps)["distill"].steps == 123
+        if key in ("int4rows", "rank256", "table4"):  # int8 position/token-type tables, then the int4 word table last
+            *_, int8, int4 = steps
+            assert (int8.name, int8.config.dtype, int8.config.tables) == ("quantize-embeddings", "int8", ["position", "token_type"])
+            assert (int4.name, int4.config.dtype, int4.config.tables) == ("quantize-embeddings", "int4", ["word"])
+            assert ("low-rank" in names) == (key != "table4")
+    assert base == yaml.safe_load(module.FLAGSHIP.read_text())  # variants are copies
