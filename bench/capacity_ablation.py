@@ -8,7 +8,11 @@ distillation on the flagship's text, and measures each on bench/compare.py's thr
 bench/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
 undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
 costs in speed or size is in the same table. One more variant (``--variants ... deep``) trades width for depth at the
-flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons.
+flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons. Three more (``int4rows rank256 table4``)
+spend the bytes int4 word-table rows save (quantize-embeddings dtype int4) on a wider table: the flagship's rank-128
+table in int4, a rank-256 table in int4 (block 64: about the flagship's bytes) and the full table in int4; with the
+pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
+in how the table is stored.
 
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
 show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
@@ -17,6 +21,8 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
 
     python bench/capacity_ablation.py [--steps 3000 1000] [--variants flagship blocks ffn table deep] [--rounds32 7]
                                      [--results bench/CAPACITY.md]
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 1000 \
+        --variants flagship int4rows rank256 table4 --results bench/TABLES.md
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Eight short distillations would evict longer ones (the flagship's) from the pass store, which keeps 8 entries.
+STORE_GIVEN = os.environ.get("BERTPRESS_PASS_STORE")
 os.environ.setdefault("BERTPRESS_PASS_STORE", "off")
 
 import compare  # noqa: E402
@@ -122,8 +129,10 @@ def write_results(path: Path, rows: list[dict], context: dict) -> None:
              "", f"Command: `{context['command']}`", "", f"{context['environment']}. Load average before / after:"
              f" {context['load_before']} / {context['load_after']} (2 cores). Whole run {context['seconds'] / 60:.1f} min.", "",
              "Each variant is recipes/minilm-fast.yaml with its distillation shortened to the steps shown and the named"
-             " compression left out (the 6-block, 8-head, FFN-640 variant: layer-drop left out, heads and FFN pruned"
-             " further); everything else (text, losses, int8, vocabulary cut) as the flagship. Held-out"
+             " compression left out or changed (the 6-block, 8-head, FFN-640 variant: layer-drop left out, heads and FFN"
+             " pruned further; the int4-row variants: the word table stored by a last quantize-embeddings step in int4,"
+             " the position and token-type tables in int8); everything else (text, losses, int8, vocabulary cut) as the"
+             " flagship. Held-out"
              " samples, the same as bench/RESULTS.md's: " + "; ".join(context["samples"]) + ".",
              "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled). Speed: batch 32 x seq"
              f" 128, {context['threads']} threads, {context['rounds32']} interleaved rounds with the plain fp32 export"
@@ -136,11 +145,15 @@ def write_results(path: Path, rows: list[dict], context: dict) -> None:
             lines.append(f"| {row['label']} | {row['steps']} | - | - | - | - | - | exit code {row.get('exit_code')} | - | - |")
             continue
         per_step = row["distill_seconds"] / row["steps"] if row.get("distill_seconds") else None
+        if per_step is not None and row["distill_seconds"] < 60:
+            per_step = "replayed"  # the pass store's result of an identical distillation earlier in the run
         lines.append(f"| {row['label']} | {row['steps']} | {row['architecture']} | {row['bytes'] / 1e6:.1f} |"
                      f" {context['plain_bytes'] / row['bytes']:.1f}x | {context['plain_ms'] / row['b32_ms']:.2f}x |"
-                     f" {'-' if per_step is None else f'{per_step:.3f}'} | {row['cells']} |")
+                     f" {'-' if per_step is None else per_step if isinstance(per_step, str) else f'{per_step:.3f}'} |"
+                     f" {row['cells']} |")
     lines += ["", "distill s/step is the whole distill pass (its torch.compile warm-up and held-out checks included) over"
-              " its steps; a reused build shows its own compile's figure."]
+              " its steps; a reused build shows its own compile's figure; 'replayed': the pass store gave an identical"
+              " distillation's result (BERTPRESS_PASS_STORE set; the script turns the store off unless it is)."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -156,6 +169,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "CAPACITY.md")
     args = parser.parse_args()
     command = "python bench/capacity_ablation.py " + " ".join(sys.argv[1:])
+    if STORE_GIVEN:  # the store changes which builds distill and which replay: say it was on
+        command = f"BERTPRESS_PASS_STORE={STORE_GIVEN} {command}"
     started = time.perf_counter()
     load_before = [round(x, 1) for x in os.getloadavg()]
     import torch
