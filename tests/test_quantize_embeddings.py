@@ -80,8 +80,12 @@ def test_quantize_embeddings_keeps_the_budget_and_shrinks_table_bytes(tiny, tiny
         ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"])
 
 
-def test_lowered_int8_tables_match_the_simulation_and_keep_the_embedding_fusion(tiny, tiny_gm, tmp_path):
-    result = run_pass("quantize-embeddings", {"dtype": "int8"}, tiny_gm, tiny)
+def _lower_and_store(tiny, tiny_gm, tmp_path, options):
+    """Run quantize-embeddings, lower its graph without the simulation and store the tables as the compile does.
+
+    Returns the batch, the simulated graph's output on it, the lowered model, its size before the tables were stored,
+    the tables and store_embeddings' note."""
+    result = run_pass("quantize-embeddings", options, tiny_gm, tiny)
     batch = example_inputs(tiny.tokenizer)
     simulated = hidden_states(result.graph_module)(batch)
     final = copy.deepcopy(result.graph_module)
@@ -89,7 +93,13 @@ def test_lowered_int8_tables_match_the_simulation_and_keep_the_embedding_fusion(
     lowered = lower_to_onnx(final, batch, tmp_path, quantize=None)
     size = lowered.model_path.stat().st_size
     tables = {t: get_tensor(final, t).detach().numpy() for t in result.lowering["embedding_precision"]}
-    note = store_embeddings(lowered.model_path, result.lowering["embedding_precision"], tables)
+    note = store_embeddings(lowered.model_path, result.lowering["embedding_precision"], tables,
+                            result.lowering.get("int4_tables"))
+    return batch, simulated, lowered, size, tables, note
+
+
+def test_lowered_int8_tables_match_the_simulation_and_keep_the_embedding_fusion(tiny, tiny_gm, tmp_path):
+    batch, simulated, lowered, size, tables, note = _lower_and_store(tiny, tiny_gm, tmp_path, {"dtype": "int8"})
     assert sorted(note["stored"].values()) == ["int8"] * 3 and not note["left"]
     assert size - lowered.model_path.stat().st_size > 0.7 * 4 * sum(t.size for t in tables.values()) - 4096
     model = onnx.load(lowered.model_path)
@@ -101,16 +111,8 @@ def test_lowered_int8_tables_match_the_simulation_and_keep_the_embedding_fusion(
 def test_lowered_int4_tables_match_the_simulation_and_fold_when_the_session_loads(tiny, tiny_gm, tmp_path):
     import onnxruntime as ort
 
-    result = run_pass("quantize-embeddings", {"dtype": "int4", "block_size": 16}, tiny_gm, tiny)
-    batch = example_inputs(tiny.tokenizer)
-    simulated = hidden_states(result.graph_module)(batch)
-    final = copy.deepcopy(result.graph_module)
-    strip_simulation(final)
-    lowered = lower_to_onnx(final, batch, tmp_path, quantize=None)
-    size = lowered.model_path.stat().st_size
-    tables = {t: get_tensor(final, t).detach().numpy() for t in result.lowering["embedding_precision"]}
-    note = store_embeddings(lowered.model_path, result.lowering["embedding_precision"], tables,
-                            result.lowering["int4_tables"])
+    batch, simulated, lowered, size, tables, note = _lower_and_store(
+        tiny, tiny_gm, tmp_path, {"dtype": "int4", "block_size": 16})
     assert sorted(note["stored"].values()) == ["int4"] * 3 and not note["left"]
     weights = sum(t.size for t in tables.values())
     assert size - lowered.model_path.stat().st_size > 0.99 * (4 * weights - stored_bytes(weights, 16, False))
