@@ -12,7 +12,9 @@ flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons. Three mor
 spend the bytes int4 word-table rows save (quantize-embeddings dtype int4) on a wider table: the flagship's rank-128
 table in int4, a rank-256 table in int4 (block 64: about the flagship's bytes) and the full table in int4; with the
 pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
-in how the table is stored.
+in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead: the full table in int4 fits the
+flagship's bytes only with the word pieces its texts use 9 times or more; ``vocab9`` is the flagship's structure with
+that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with it.
 
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
 show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
@@ -23,6 +25,8 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
                                      [--results bench/CAPACITY.md]
     BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 1000 \
         --variants flagship int4rows rank256 table4 --results bench/TABLES.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
+        --variants flagship int4rows rank256 vocab9 table4v9 --rounds32 9 --results bench/TABLES-3000.md
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
     "table4": ("full word table in int4 rows (block 32)", ("low-rank",), {"quantize-embeddings": {"tables": ["position", "token_type"]}},
                [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 32}}]),
+    # Rows against width: a full int4 table fits the flagship's bytes only with about 15,000 rows, the word pieces its
+    # training texts use 9 times or more (22,190 are used twice). vocab9 measures what that cut costs the flagship's
+    # structure (with the pass store on it replays the flagship's distillation); table4v9 is the full int4 table with it.
+    "vocab9": ("flagship structure, word pieces used 9 times or more", (), {"prune-vocab": {"min_count": 9}}, []),
+    "table4v9": ("full word table in int4 rows (block 64), word pieces used 9 times or more", ("low-rank",),
+                 {"quantize-embeddings": {"tables": ["position", "token_type"]}, "prune-vocab": {"min_count": 9}},
+                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
 }
 
 
