@@ -14,7 +14,8 @@ table in int4, a rank-256 table in int4 (block 64: about the flagship's bytes) a
 pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
 in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead: the full table in int4 fits the
 flagship's bytes only with the word pieces its texts use 9 times or more; ``vocab9`` is the flagship's structure with
-that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with it.
+that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with it. ``len128`` distills the
+flagship's structure on its texts cut at 128 tokens instead of 64.
 
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
 show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
@@ -83,6 +84,9 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     "table4v9": ("full word table in int4 rows (block 64), word pieces used 9 times or more", ("low-rank",),
                  {"quantize-embeddings": {"tables": ["position", "token_type"]}, "prune-vocab": {"min_count": 9}},
                  [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
+    # Length: distill cuts its texts at 64 tokens, and the flagship's held-out texts of 64 tokens or more score lowest
+    # (bench/fidelity_breakdown.py). len128 distills the flagship's structure on the same texts cut at 128.
+    "len128": ("flagship structure, distilled on texts up to 128 tokens", (), {"distill": {"max_length": 128}}, []),
 }
 
 
