@@ -3,7 +3,8 @@
 Rewrites the word-embedding table (or, after ``low-rank: {target: embeddings}``, its factorized
 table) to the rows of the kept tokens: the special tokens, every token the domain corpus tokenizes
 to (at least ``min_count`` times), optionally the ``keep_top`` most frequent tokens of a general
-corpus and every single-character token. Kept tokens keep their relative order, so [PAD] stays id 0.
+corpus, every single-character token and every Latin-alphabet token (``keep_latin``). Kept tokens keep
+their relative order, so [PAD] stays id 0.
 The pass returns the new tokenizer (vocab.txt, tokenizer.json, tokenizer_config.json, written into
 the output folder by the driver) and an :class:`InputMap` carrying it, so the manager re-tokenizes
 its held-out (and calibration) texts as a user of the output would and later passes calibrate in
@@ -50,6 +51,19 @@ class PruneVocabConfig(PassConfig):
         False, description="Also keep every single-character token and its '##' continuation, so an unseen word is"
         " spelled out in pieces instead of becoming [UNK] (on MiniLM + Python docs it added 1,893 rows and did not"
         " raise held-out cosine: 0.9696 -> 0.9695).")
+    keep_latin: bool = Field(
+        False, description="Also keep every token written in the Latin alphabet, digits and punctuation (code points"
+        " below U+0250), so only other scripts and the [unusedN] placeholders are dropped: English pieces the corpus"
+        " happened to miss stay. On MiniLM that is 27,739 of 30,522 rows. On the distilled minilm-fast-r256, all"
+        " 30,522 rows instead of the 22,193 its three corpora use twice raised held-out cosine on Python docs from"
+        " 0.9307 to 0.9367 and on everyday-life fortunes from 0.9124 to 0.9160.")
+
+
+def _latin(token: str) -> bool:
+    """Whether a vocabulary entry is a Latin-alphabet, digit or punctuation piece (not a placeholder like [unused3])."""
+    if token.startswith("[") and token.endswith("]") and len(token) > 2:
+        return False
+    return all(ord(c) < 0x250 for c in token)
 
 
 class TokenIdMap(InputMap):
@@ -118,6 +132,10 @@ class PruneVocab(Pass):
                      if len(token) == 1 or (token.startswith(prefix) and len(token) == len(prefix) + 1)}
             extra["characters_added"] = len(chars - keep)
             keep |= chars
+        if cfg.keep_latin:
+            latin = {i for token, i in spec["model"]["vocab"].items() if _latin(token)}
+            extra["latin_added"] = len(latin - keep)
+            keep |= latin
         kept = torch.tensor(sorted(keep), dtype=torch.long)
 
         set_parameter(gm, embeddings.word_weight, table[kept])

@@ -66,6 +66,22 @@ def test_keep_characters_spells_unseen_words_instead_of_unk(tiny, tiny_gm):
     assert result.details["characters_added"] > 0
 
 
+def test_keep_latin_keeps_every_latin_piece_and_drops_other_scripts_and_placeholders(tiny, tiny_gm):
+    original = tiny.tokenizer
+    corpus_only = set(run_pass("prune-vocab", {}, copy.deepcopy(tiny_gm), tiny).inputs.tokenizer.get_vocab())
+    result = run_pass("prune-vocab", {"keep_latin": True}, tiny_gm, tiny)
+    new = result.inputs.tokenizer
+    words = "zygomorphic quixotically café naïveté"  # outside Python's docs; their pieces are Latin
+    assert new.convert_ids_to_tokens(new(words)["input_ids"]) == original.convert_ids_to_tokens(original(words)["input_ids"])
+    assert new.convert_ids_to_tokens(new(UNSEEN)["input_ids"])[1:-1] == ["[UNK]"]
+    kept = set(new.get_vocab())
+    assert not any(t.startswith("[unused") for t in kept)
+    latin = {t for t in original.get_vocab()
+             if not (t.startswith("[") and t.endswith("]") and len(t) > 2) and all(ord(c) < 0x250 for c in t)}
+    assert kept == latin | corpus_only  # the corpus's own pieces (curly quotes, say) and the special tokens stay
+    assert result.details["latin_added"] > 0
+
+
 def test_min_count_keeps_fewer_tokens(tiny, tiny_gm):
     every = run_pass("prune-vocab", {"texts": "builtin"}, copy.deepcopy(tiny_gm), tiny).details["tokens_kept"]
     frequent = run_pass("prune-vocab", {"texts": "builtin", "min_count": 5}, tiny_gm, tiny).details["tokens_kept"]
