@@ -89,8 +89,15 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     "len128": ("flagship structure, distilled on texts up to 128 tokens", (), {"distill": {"max_length": 128}}, []),
     # Rows against rank, the other way: the vocabulary cut costs the rank-256 flagship's outputs most off WordNet
     # (all 30,522 rows: docs 0.9307 -> 0.9367, fortunes 0.9124 -> 0.9160). Every Latin-alphabet row (27,734) fits
-    # the flagship's bytes at rank 192 in int4. r256latin (over the 10x budget; a replay of rank256's distillation
-    # with the store on) shows what those rows buy at rank 256, r192latin what they cost in rank.
+    # the flagship's bytes at rank 192 in int4. r256once, r256latin and r256all (over the 10x budget; replays of
+    # rank256's distillation with the store on) show what more rows buy at rank 256, r192latin what they cost in rank.
+    "r256once": ("rank-256 int4 word table, word pieces used once or more", (),
+                 {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]},
+                  "prune-vocab": {"min_count": 1}},
+                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
+    "r256all": ("rank-256 int4 word table, every row kept (no prune-vocab)", ("prune-vocab",),
+                {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]}},
+                [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
     "r256latin": ("rank-256 int4 word table, every Latin-alphabet row kept", (),
                   {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]},
                    "prune-vocab": {"keep_latin": True}},
