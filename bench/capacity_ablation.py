@@ -87,7 +87,7 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # Length: distill cuts its texts at 64 tokens, and the flagship's held-out texts of 64 tokens or more score lowest
     # (bench/fidelity_breakdown.py). len128 distills the flagship's structure on the same texts cut at 128.
     "len128": ("flagship structure, distilled on texts up to 128 tokens", (), {"distill": {"max_length": 128}}, []),
-    # Rows against rank, the other way: the vocabulary cut costs the rank-256 flagship's outputs most off WordNet
+    # Rows against rank, the other way: the vocabulary cut costs minilm-fast-r256 most off WordNet
     # (all 30,522 rows: docs 0.9307 -> 0.9367, fortunes 0.9124 -> 0.9160). Every Latin-alphabet row (27,734) fits
     # the flagship's bytes at rank 192 in int4. r256once, r256latin and r256all (over the 10x budget; replays of
     # rank256's distillation with the store on) show what more rows buy at rank 256, r192latin what they cost in rank.
