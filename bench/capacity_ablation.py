@@ -15,7 +15,10 @@ pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's di
 in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead: the full table in int4 fits the
 flagship's bytes only with the word pieces its texts use 9 times or more; ``vocab9`` is the flagship's structure with
 that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with it. ``len128`` distills the
-flagship's structure on its texts cut at 128 tokens instead of 64.
+flagship's structure on its texts cut at 128 tokens instead of 64. Four (``r256once r256latin r256all r192latin``) go
+the other way, more rows: the rank-256 int4 table with the pieces used once, every Latin-alphabet piece
+(prune-vocab keep_latin) or every row (over the 10x budget; replays of ``rank256``'s distillation with the store on),
+and every Latin piece at rank 192 (within it).
 
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
 show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
@@ -28,6 +31,10 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
         --variants flagship int4rows rank256 table4 --results bench/TABLES.md
     BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
         --variants flagship int4rows rank256 vocab9 table4v9 --rounds32 9 --results bench/TABLES-3000.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
+        --variants flagship rank256 r256latin r192latin --rounds32 9 --results bench/LATIN-3000.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
+        --variants rank256 r256once r256all --rounds32 9 --results bench/ROWS-28800.md
 """
 
 from __future__ import annotations
