@@ -64,6 +64,13 @@ import compare  # noqa: E402
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
 # The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, so the figures sit beside it.
 RESULTS_RECIPES = compare.results_recipes()
+def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes: dict | None = None) -> tuple:
+    """A VARIANTS value whose word table is stored in int4 rows (a scale per ``block_size`` columns) by a last
+    quantize-embeddings step, the position and token-type tables in int8 as before; ``changes`` as in VARIANTS."""
+    return (label, leave_out, {**(changes or {}), "quantize-embeddings": {"tables": ["position", "token_type"]}}, [],
+            [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": block_size}}])
+
+
 VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first
     #         [, passes it adds last])
     "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", (), {}, []),
@@ -77,20 +84,15 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
              {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}}, [{"prune-heads": {"keep": 8}}]),
     # Word-table storage against width: int4 rows (quantize-embeddings dtype int4, position and token-type tables
     # stay int8) spend the bytes int8 rows of the rank-128 table take on a wider table. The int4 step runs last.
-    "int4rows": ("rank-128 word table in int4 rows (block 32)", (), {"quantize-embeddings": {"tables": ["position", "token_type"]}},
-                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 32}}]),
-    "rank256": ("rank-256 word table in int4 rows (block 64)", (),
-                {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]}},
-                [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
-    "table4": ("full word table in int4 rows (block 32)", ("low-rank",), {"quantize-embeddings": {"tables": ["position", "token_type"]}},
-               [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 32}}]),
+    "int4rows": int4_word_table("rank-128 word table in int4 rows (block 32)", 32),
+    "rank256": int4_word_table("rank-256 word table in int4 rows (block 64)", 64, changes={"low-rank": {"rank": 256}}),
+    "table4": int4_word_table("full word table in int4 rows (block 32)", 32, leave_out=("low-rank",)),
     # Rows against width: a full int4 table fits the flagship's bytes only with about 15,000 rows, the word pieces its
     # training texts use 9 times or more (22,190 are used twice). vocab9 measures what that cut costs the flagship's
     # structure (with the pass store on it replays the flagship's distillation); table4v9 is the full int4 table with it.
     "vocab9": ("flagship structure, word pieces used 9 times or more", (), {"prune-vocab": {"min_count": 9}}, []),
-    "table4v9": ("full word table in int4 rows (block 64), word pieces used 9 times or more", ("low-rank",),
-                 {"quantize-embeddings": {"tables": ["position", "token_type"]}, "prune-vocab": {"min_count": 9}},
-                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
+    "table4v9": int4_word_table("full word table in int4 rows (block 64), word pieces used 9 times or more", 64,
+                                leave_out=("low-rank",), changes={"prune-vocab": {"min_count": 9}}),
     # Length: distill cuts its texts at 64 tokens, and the flagship's held-out texts of 64 tokens or more score lowest
     # (bench/fidelity_breakdown.py). len128 distills the flagship's structure on the same texts cut at 128.
     "len128": ("flagship structure, distilled on texts up to 128 tokens", (), {"distill": {"max_length": 128}}, []),
@@ -98,21 +100,14 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # (all 30,522 rows: docs 0.9307 -> 0.9367, fortunes 0.9124 -> 0.9160). Every Latin-alphabet row (27,734) fits
     # the flagship's bytes at rank 192 in int4. r256once, r256latin and r256all (over the 10x budget; replays of
     # rank256's distillation with the store on) show what more rows buy at rank 256, r192latin what they cost in rank.
-    "r256once": ("rank-256 int4 word table, word pieces used once or more", (),
-                 {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]},
-                  "prune-vocab": {"min_count": 1}},
-                 [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
-    "r256all": ("rank-256 int4 word table, every row kept (no prune-vocab)", ("prune-vocab",),
-                {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]}},
-                [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
-    "r256latin": ("rank-256 int4 word table, every Latin-alphabet row kept", (),
-                  {"low-rank": {"rank": 256}, "quantize-embeddings": {"tables": ["position", "token_type"]},
-                   "prune-vocab": {"keep_latin": True}},
-                  [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
-    "r192latin": ("rank-192 int4 word table, every Latin-alphabet row kept", (),
-                  {"low-rank": {"rank": 192}, "quantize-embeddings": {"tables": ["position", "token_type"]},
-                   "prune-vocab": {"keep_latin": True}},
-                  [], [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": 64}}]),
+    "r256once": int4_word_table("rank-256 int4 word table, word pieces used once or more", 64,
+                                changes={"low-rank": {"rank": 256}, "prune-vocab": {"min_count": 1}}),
+    "r256all": int4_word_table("rank-256 int4 word table, every row kept (no prune-vocab)", 64,
+                               leave_out=("prune-vocab",), changes={"low-rank": {"rank": 256}}),
+    "r256latin": int4_word_table("rank-256 int4 word table, every Latin-alphabet row kept", 64,
+                                 changes={"low-rank": {"rank": 256}, "prune-vocab": {"keep_latin": True}}),
+    "r192latin": int4_word_table("rank-192 int4 word table, every Latin-alphabet row kept", 64,
+                                 changes={"low-rank": {"rank": 192}, "prune-vocab": {"keep_latin": True}}),
 }
 
 
