@@ -3,12 +3,13 @@
 A pass that declares ``weights_only`` (distill) changes nothing but the values of parameters the
 graph already has. Its result is then a function of what it reads: the graph it is given (code,
 module provenance and every tensor), its own config and source, the compiler's sources that run
-inside passes, the reference model, the calibration texts and batches, the text files its config
+inside passes, the built-in pass modules those or its own source import, the reference model, the calibration texts and batches, the text files its config
 names, the tokenizer, the model config, the seed, torch's thread count, the CPU and the library
 versions. The store keys the new tensor values by a SHA-256 over all of that and keeps them under
 the user's cache folder, so a later compile whose pass would read exactly the same things loads
-them in a second instead of training for hours: editing a pass after distill, a lowering option or
-the lowering code itself no longer repeats the distillation. The pass manager checks a replayed
+them in a second instead of training for hours: editing a pass after distill, another pass's module
+that neither distill nor the compiler imports, a lowering option or the lowering code itself no
+longer repeats the distillation. The pass manager checks a replayed
 result exactly as a fresh one (the same held-out fidelity check), and the report says which it was.
 
 Where: ``$BERTPRESS_PASS_STORE`` if set (``off`` disables the store), else
@@ -19,6 +20,7 @@ neither reads nor writes it. The newest :data:`KEEP` entries are kept. Entries a
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.util
@@ -101,32 +103,95 @@ def _tokenizer_digest(tokenizer) -> bytes:
     return json.dumps(sorted(tokenizer.get_vocab().items())).encode()
 
 
-def _source_digest(package_dir: Path, skip: tuple[str, ...] = ()) -> str:
+def _sources(package_dir: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every .py file below ``package_dir`` (but the top-level names in ``skip``) by its relative path."""
     files = sorted(p for p in package_dir.rglob("*.py") if not any(p.relative_to(package_dir).parts[0] == s for s in skip))
-    return _sha(*(p.relative_to(package_dir).as_posix().encode() + b"\0" + p.read_bytes() for p in files))
+    return {p.relative_to(package_dir).as_posix(): p.read_bytes() for p in files}
+
+
+def _digest_of(sources: dict[str, bytes]) -> str:
+    return _sha(*(name.encode() + b"\0" + text for name, text in sorted(sources.items())))
 
 
 @functools.cache
-def _packages_digest() -> str:
+def _loaded_sources() -> tuple[dict[str, bytes], dict[str, bytes]]:
     """The compiler's sources (minus its post-pass modules) and the built-in passes', read once per process."""
     passes_spec = importlib.util.find_spec("passes")
     passes_dir = Path(next(iter(passes_spec.submodule_search_locations))) if passes_spec else None
-    return _sha(_source_digest(Path(__file__).resolve().parent, POST_PASS_MODULES).encode(),
-                _source_digest(passes_dir).encode() if passes_dir else b"")
+    return (_sources(Path(__file__).resolve().parent, POST_PASS_MODULES),
+            _sources(passes_dir) if passes_dir else {})
+
+
+def _passes_imported(source: bytes, package: str = "") -> set[str]:
+    """The ``passes.<module>`` names a source imports anywhere (functions included), as dotted module names.
+
+    ``package`` is the importing module's package, for relative imports (``from . import x`` inside passes/).
+    ``from passes import x`` names the module passes.x; whether x is a module is for the caller to check.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # cannot be read: the caller keys every module
+        return {"*"}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "passes")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: max(len(package.split(".")) - node.level + 1, 0)] if package else []
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] != "passes":
+                continue
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def passes_closure(starts: list[tuple[bytes, str]], passes_sources: dict[str, bytes]) -> dict[str, bytes]:
+    """The built-in pass modules that the (source, package) ``starts`` import, and those they import in turn.
+
+    By relative path, as in ``passes_sources``. passes/__init__.py is always in (it is the package's import list);
+    the imports it makes only register the built-in passes, so they are not followed. An unparsable source keys
+    every module.
+    """
+    by_module = {"passes." + name[:-3].replace("/", "."): name for name in passes_sources if name != "__init__.py"}
+    keyed = {name: passes_sources[name] for name in ("__init__.py",) if name in passes_sources}
+    pending = list(starts)
+    while pending:
+        source, package = pending.pop()
+        imported = _passes_imported(source, package)
+        if "*" in imported:
+            return dict(passes_sources)
+        for module in sorted(imported):
+            name = by_module.get(module)
+            if name is not None and name not in keyed:
+                keyed[name] = passes_sources[name]
+                pending.append((keyed[name], module.rsplit(".", 1)[0]))
+    return keyed
 
 
 def code_digest(pass_cls: type) -> str:
-    """The sources a pass runs with: the compiler minus its post-pass modules, the built-in passes, the pass's own file.
+    """The sources a pass runs with: the compiler minus its post-pass modules, the pass's own file, and the built-in
+    pass modules that either imports, directly or through each other (distill: compiler/distillation.py imports
+    passes/quantize_linear.py for its int8 simulation; the other passes' modules stay out of its key).
 
     All are read as the process loaded them (the packages when this module is imported, a pass's own file when the
     pass was registered), so an edit made on disk during a compile does not go into the key of the code that ran.
     """
     from .pass_infra import registered_source
 
-    return _sha(_packages_digest().encode(), registered_source(pass_cls))
+    compiler_sources, passes_sources = _loaded_sources()
+    own = registered_source(pass_cls)
+    module = getattr(pass_cls, "__module__", "") or ""
+    package = module.rsplit(".", 1)[0] if "." in module else ""
+    starts = [(text, "compiler") for text in compiler_sources.values()] + [(own, package)]
+    keyed = passes_closure(starts, passes_sources)
+    return _sha(_digest_of(compiler_sources).encode(), _digest_of(keyed).encode(), own)
 
 
-_packages_digest()  # at import, with the compiler: the sources this process runs
+_loaded_sources()  # at import, with the compiler: the sources this process runs
 
 
 def _cpu() -> str:

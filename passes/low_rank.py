@@ -91,10 +91,7 @@ class LowRank(Pass):
             m, n = weight.shape
             rank, a, b, energy = factorize(weight, cfg)
             if rank * (m + n) >= m * n and not cfg.force:
-                raise self.refuse(
-                    f"rank {rank} of {lin.weight} ({m}x{n}) is at or above the break-even rank {m * n // (m + n)}:"
-                    f" two factors would store and compute {rank * (m + n):,} weights instead of {m * n:,}.",
-                    fix=f"use a rank below {m * n // (m + n) + (1 if (m * n) % (m + n) else 0)}, or set force: true with a reason.")
+                raise self._past_break_even(f"{lin.weight} ({m}x{n})", rank, m, n)
             plans.append((lin, rank, a, b, energy, (m, n)))
         self.kept_everything = all(rank == min(shape) for _, rank, _, _, _, shape in plans)
         report = []
@@ -109,6 +106,16 @@ class LowRank(Pass):
         if cfg.force:
             details["forced"] = cfg.reason
         return PassResult(gm, modified=bool(plans), details=details)
+
+    def _past_break_even(self, what: str, rank: int, m: int, n: int):
+        """The refusal of a rank whose two factors hold as many weights as the m x n matrix, or more."""
+        asked = self.config.rank
+        capped = f" (the recipe's rank {asked}, capped at the matrix's {min(m, n)})" if asked is not None and asked > rank else ""
+        below = m * n // (m + n) + (1 if (m * n) % (m + n) else 0)  # the smallest rank that does not pay
+        return self.refuse(
+            f"rank {rank}{capped} of {what} is at or above the break-even rank {m * n // (m + n)}:"
+            f" two factors would store and compute {rank * (m + n):,} weights instead of {m * n:,}.",
+            fix=f"use a rank below {below}, or set force: true with a reason.")
 
     def _sites(self, structure) -> list[Linear]:
         cfg = self.config
@@ -135,8 +142,7 @@ class LowRank(Pass):
         # The lookup is a row selection, so factorize W^T (hidden x vocab): rows of A^T are the new table.
         rank, a, b, energy = factorize(table.t(), cfg)
         if rank * (vocab + hidden) >= vocab * hidden and not cfg.force:
-            raise self.refuse(f"rank {rank} of the {vocab}x{hidden} word table is at or above the break-even"
-                              f" {vocab * hidden // (vocab + hidden)}.", fix="use a smaller rank, or force: true with a reason.")
+            raise self._past_break_even(f"the {vocab}x{hidden} word table", rank, vocab, hidden)
         self.kept_everything = rank == min(vocab, hidden)
         base = structure.embeddings.word_weight.rsplit(".", 1)[0]
         set_parameter(gm, f"{base}.low_rank_table", a.t().contiguous())  # vocab x r

@@ -49,6 +49,15 @@ def test_rank_above_break_even_is_refused_with_the_reason(tiny, tiny_gm):
         run_pass("low-rank", {"rank": 22, "target": "ffn"}, tiny_gm, tiny)
 
 
+def test_word_table_rank_past_its_width_is_refused_naming_the_recipe_rank_and_the_bound(tiny, tiny_gm):
+    # tiny's word table is 30522 x 32: break-even 31 (31 * 30554 < 30522 * 32 <= 32 * 30554).
+    with pytest.raises(PassRefused) as refused:
+        run_pass("low-rank", {"rank": 9999, "target": "embeddings"}, tiny_gm, tiny)
+    message = str(refused.value)
+    assert "rank 32 (the recipe's rank 9999, capped at the matrix's 32) of the 30522x32 word table" in message
+    assert "break-even rank 31" in message and "use a rank below 32" in message
+
+
 def test_force_needs_a_reason():
     with pytest.raises(ValueError, match="needs a reason"):
         LowRankConfig(rank=4, force=True)

@@ -240,3 +240,28 @@ def test_the_key_is_of_the_code_that_was_loaded_not_of_an_edit_made_on_disk_sinc
     finally:
         pass_infra._REGISTRY.pop("test-edited-while-compiling", None)
         sys.modules.pop("edited_plugin", None)
+
+
+def test_the_distillation_key_covers_the_pass_modules_it_imports_and_no_others(monkeypatch):
+    """Editing another pass (low-rank's messages, prune-vocab's options) must not throw away hours of stored
+    distillation; editing quantize-linear, whose int8 simulation the distillation's QAT runs, must."""
+    compiler_sources, passes_sources = pass_store._loaded_sources()
+    loaded = pass_store.code_digest(Distill)
+
+    def edited(name):
+        changed = dict(passes_sources, **{name: passes_sources[name] + b"\n# edited\n"})
+        monkeypatch.setattr(pass_store, "_loaded_sources", lambda: (compiler_sources, changed))
+        return pass_store.code_digest(Distill)
+
+    assert edited("low_rank.py") == loaded and edited("prune_vocab.py") == loaded
+    assert edited("quantize_linear.py") != loaded  # compiler/distillation.py imports it inside its functions
+    assert edited("__init__.py") != loaded
+
+
+def test_pass_imports_are_followed_through_relative_and_nested_imports():
+    sources = {"__init__.py": b"from . import a, b, c, d\n", "a.py": b"def f():\n    from .b import g\n",
+               "b.py": b"import passes.c as c\n", "c.py": b"x = 1\n", "d.py": b"import os\n"}
+    start = [(b"def run():\n    from passes import a\n", "compiler")]
+    assert sorted(pass_store.passes_closure(start, sources)) == ["__init__.py", "a.py", "b.py", "c.py"]
+    assert sorted(pass_store.passes_closure([(b"import torch\n", "compiler")], sources)) == ["__init__.py"]
+    assert pass_store.passes_closure([(b"def broken(:\n", "")], sources) == sources  # unreadable: key everything
