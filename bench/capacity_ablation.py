@@ -35,6 +35,10 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
         --variants flagship rank256 r256latin r192latin --rounds32 9 --results bench/LATIN-3000.md
     BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
         --variants rank256 r256once r256all --rounds32 9 --results bench/ROWS-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
+        --variants flagship rank256 --rounds32 15 --results bench/VNNI-3000.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
+        --variants r192latin --rounds32 15 --results bench/LATIN-28800.md
 """
 
 from __future__ import annotations
