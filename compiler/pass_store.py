@@ -3,14 +3,15 @@
 A pass that declares ``weights_only`` (distill) changes nothing but the values of parameters the
 graph already has. Its result is then a function of what it reads: the graph it is given (code,
 module provenance and every tensor), its own config and source, the compiler's sources that run
-inside passes, the built-in pass modules those or its own source import, the reference model, the calibration texts and batches, the text files its config
-names, the tokenizer, the model config, the seed, torch's thread count, the CPU and the library
-versions. The store keys the new tensor values by a SHA-256 over all of that and keeps them under
-the user's cache folder, so a later compile whose pass would read exactly the same things loads
-them in a second instead of training for hours: editing a pass after distill, another pass's module
-that neither distill nor the compiler imports, a lowering option or the lowering code itself no
-longer repeats the distillation. The pass manager checks a replayed
-result exactly as a fresh one (the same held-out fidelity check), and the report says which it was.
+inside passes, the built-in pass modules that those or its own source import, the reference model,
+the calibration texts and batches, the text files its config names, the tokenizer, the model
+config, the seed, torch's thread count, the CPU and the library versions. The store keys the new
+tensor values by a SHA-256 over all of that and keeps them under the user's cache folder, so a
+later compile whose pass would read exactly the same things loads them in a second instead of
+training for hours: editing a pass after distill, another pass's module that neither distill nor
+the compiler imports, a lowering option or the lowering code itself no longer repeats the
+distillation. The pass manager checks a replayed result exactly as a fresh one (the same held-out
+fidelity check), and the report says which it was.
 
 Where: ``$BERTPRESS_PASS_STORE`` if set (``off`` disables the store), else
 ``$XDG_CACHE_HOME/bertpress/passes`` (``~/.cache/bertpress/passes``). ``bertpress compile --fresh``
