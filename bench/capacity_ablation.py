@@ -68,6 +68,8 @@ import compare  # noqa: E402
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
 # The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, so the figures sit beside it.
 RESULTS_RECIPES = compare.results_recipes()
+
+
 def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes: dict | None = None) -> tuple:
     """A VARIANTS value whose word table is stored in int4 rows (a scale per ``block_size`` columns) by a last
     quantize-embeddings step, the position and token-type tables in int8 as before; ``changes`` as in VARIANTS."""
