@@ -8,8 +8,8 @@ distillation on the flagship's text, and measures each on bench/compare.py's thr
 bench/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
 undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
 costs in speed or size is in the same table. One more variant (``--variants ... deep``) trades width for depth at the
-flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons. Three more (``int4rows rank256 table4``)
-spend the bytes int4 word-table rows save (quantize-embeddings dtype int4) on a wider table: the flagship's rank-128
+flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons (``deep256``: with rank256's word table).
+Three more (``int4rows rank256 table4``) spend the bytes int4 word-table rows save (quantize-embeddings dtype int4) on a wider table: the flagship's rank-128
 table in int4, a rank-256 table in int4 (block 64: about the flagship's bytes) and the full table in int4; with the
 pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
 in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead: the full table in int4 fits the
@@ -39,6 +39,8 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
         --variants flagship rank256 --rounds32 15 --results bench/VNNI-3000.md
     BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
         --variants r192latin --rounds32 15 --results bench/LATIN-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
+        --variants deep --rounds32 15 --results bench/DEEP-28800.md
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
 RESULTS_RECIPES = compare.results_recipes()
 
 
-def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes: dict | None = None) -> tuple:
+def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes: dict | None = None,
+                    added: list | None = None) -> tuple:
     """A VARIANTS value whose word table is stored in int4 rows (a scale per ``block_size`` columns) by a last
-    quantize-embeddings step, the position and token-type tables in int8 as before; ``changes`` as in VARIANTS."""
-    return (label, leave_out, {**(changes or {}), "quantize-embeddings": {"tables": ["position", "token_type"]}}, [],
+    quantize-embeddings step, the position and token-type tables in int8 as before; ``changes`` and ``added`` (passes
+    it adds first) as in VARIANTS."""
+    return (label, leave_out, {**(changes or {}), "quantize-embeddings": {"tables": ["position", "token_type"]}},
+            list(added or []),
             [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": block_size}}])
 
 
@@ -88,6 +93,10 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # before distill heals them (the flagship's structural passes end at 0.69).
     "deep": ("6 blocks, 8 heads, FFN 640 (the flagship's linear FLOPs)", ("layer-drop",),
              {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}}, [{"prune-heads": {"keep": 8}}]),
+    # Both levers that lead at 28800 steps off WordNet together: deep's structure with rank256's word table.
+    "deep256": int4_word_table("6 blocks, 8 heads, FFN 640, rank-256 word table in int4 rows (block 64)", 64,
+                               leave_out=("layer-drop",), added=[{"prune-heads": {"keep": 8}}],
+                               changes={"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}, "low-rank": {"rank": 256}}),
     # Word-table storage against width: int4 rows (quantize-embeddings dtype int4, position and token-type tables
     # stay int8) spend the bytes int8 rows of the rank-128 table take on a wider table. The int4 step runs last.
     "int4rows": int4_word_table("rank-128 word table in int4 rows (block 32)", 32),
