@@ -9,9 +9,9 @@ bench/RESULTS.md), with its size and its speed against the plain fp32 export in 
 undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
 costs in speed or size is in the same table. One more variant (``--variants ... deep``) trades width for depth at the
 flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons (``deep256``: with rank256's word table).
-Three more (``int4rows rank256 table4``) spend the bytes int4 word-table rows save (quantize-embeddings dtype int4) on a wider table: the flagship's rank-128
-table in int4, a rank-256 table in int4 (block 64: about the flagship's bytes) and the full table in int4; with the
-pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
+Three more (``int4rows rank256 table4``) spend the bytes int4 word-table rows save (quantize-embeddings dtype int4)
+on a wider table: the flagship's rank-128 table in int4, a rank-256 table in int4 (block 64: about the flagship's
+bytes) and the full table in int4; with the pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
 in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead: the full table in int4 fits the
 flagship's bytes only with the word pieces its texts use 9 times or more; ``vocab9`` is the flagship's structure with
 that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with it. ``len128`` distills the
