@@ -8,17 +8,17 @@ distillation on the flagship's text, and measures each on bench/compare.py's thr
 bench/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
 undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
 costs in speed or size is in the same table. One more variant (``--variants ... deep``) trades width for depth at the
-flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons (``deep256``: with rank256's word table).
-Three more (``int4rows rank256 table4``) spend the bytes int4 word-table rows save (quantize-embeddings dtype int4)
-on a wider table: the flagship's rank-128 table in int4, a rank-256 table in int4 (block 64: about the flagship's
-bytes) and the full table in int4; with the pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's distillation and differs from it only
-in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead: the full table in int4 fits the
-flagship's bytes only with the word pieces its texts use 9 times or more; ``vocab9`` is the flagship's structure with
-that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with it. ``len128`` distills the
-flagship's structure on its texts cut at 128 tokens instead of 64. Four (``r256once r256latin r256all r192latin``) go
-the other way, more rows: the rank-256 int4 table with the pieces used once, every Latin-alphabet piece
-(prune-vocab keep_latin) or every row (over the 10x budget; replays of ``rank256``'s distillation with the store on),
-and every Latin piece at rank 192 (within it).
+flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons (``deep256``: with rank256's word table). Three
+more (``int4rows rank256 table4``) spend the bytes int4 word-table rows save (quantize-embeddings dtype int4) on a
+wider table: the flagship's rank-128 table in int4, a rank-256 table in int4 (block 64: about the flagship's bytes)
+and the full table in int4; with the pass store on (BERTPRESS_PASS_STORE set), ``int4rows`` replays the flagship's
+distillation and differs from it only in how the table is stored. Two more (``vocab9 table4v9``) spend rows instead:
+the full table in int4 fits the flagship's bytes only with the word pieces its texts use 9 times or more; ``vocab9``
+is the flagship's structure with that vocabulary (a replay, with the store on), ``table4v9`` the full int4 table with
+it. ``len128`` distills the flagship's structure on its texts cut at 128 tokens instead of 64. Four (``r256once
+r256latin r256all r192latin``) go the other way, more rows: the rank-256 int4 table with the pieces used once, every
+Latin-alphabet piece (prune-vocab keep_latin) or every row (over the 10x budget; replays of ``rank256``'s distillation
+with the store on), and every Latin piece at rank 192 (within it).
 
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). Two lengths (--steps)
 show whether a variant's lead holds with more training or only reflects a head start. The pass store is off unless
