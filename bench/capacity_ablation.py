@@ -41,6 +41,8 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
         --variants r192latin --rounds32 15 --results bench/LATIN-28800.md
     BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
         --variants deep --rounds32 15 --results bench/DEEP-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
+        --variants deep256 --rounds32 15 --results bench/DEEP256-28800.md
 """
 
 from __future__ import annotations

@@ -161,3 +161,20 @@ def test_every_capacity_ablation_variant_is_a_recipe_that_validates(monkeypatch)
             assert (int4.name, int4.config.dtype, int4.config.tables) == ("quantize-embeddings", "int4", ["word"])
             assert ("low-rank" in names) == (key != "table4")
     assert base == yaml.safe_load(module.FLAGSHIP.read_text())  # variants are copies
+
+
+@pytest.mark.parametrize("recipe, key", [("minilm-fast-r256", "rank256"), ("minilm-fast-deep256", "deep256")])
+def test_recipes_written_out_from_a_capacity_variant_are_that_variant_at_the_flagships_steps(monkeypatch, recipe, key):
+    """minilm-fast-r256 and minilm-fast-deep256 quote the builds capacity_ablation.py made of these variants: if the
+    flagship or the variant changes, the recipe file must change with it (or stop quoting that build)."""
+    import yaml
+
+    monkeypatch.setenv("BERTPRESS_PASS_STORE", "off")
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_capacity_ablation", ROOT / "bench" / "capacity_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = yaml.safe_load(module.FLAGSHIP.read_text())
+    written = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+    steps = next(step["distill"]["steps"] for step in base["passes"] if "distill" in step)
+    assert written == module.variant_recipe(base, module.VARIANTS[key], steps)
