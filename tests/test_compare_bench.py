@@ -139,16 +139,22 @@ def test_the_chart_labels_every_model_on_every_panel_and_no_two_labels_overlap(c
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
 
 
-def test_every_capacity_ablation_variant_is_a_recipe_that_validates(monkeypatch):
-    import yaml
-
-    from compiler.recipe import load_recipe_text
-
+def _capacity_ablation(monkeypatch):
+    """bench/capacity_ablation.py as a module."""
     monkeypatch.setenv("BERTPRESS_PASS_STORE", "off")  # the script sets it at import; undone after the test
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_capacity_ablation", ROOT / "bench" / "capacity_ablation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_every_capacity_ablation_variant_is_a_recipe_that_validates(monkeypatch):
+    import yaml
+
+    from compiler.recipe import load_recipe_text
+
+    module = _capacity_ablation(monkeypatch)
     base = yaml.safe_load(module.FLAGSHIP.read_text())
     for key, variant in module.VARIANTS.items():
         recipe = module.variant_recipe(base, variant, 123)
@@ -169,11 +175,7 @@ def test_recipes_written_out_from_a_capacity_variant_are_that_variant_at_the_fla
     flagship or the variant changes, the recipe file must change with it (or stop quoting that build)."""
     import yaml
 
-    monkeypatch.setenv("BERTPRESS_PASS_STORE", "off")
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_capacity_ablation", ROOT / "bench" / "capacity_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _capacity_ablation(monkeypatch)
     base = yaml.safe_load(module.FLAGSHIP.read_text())
     written = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
     steps = next(step["distill"]["steps"] for step in base["passes"] if "distill" in step)
