@@ -86,6 +86,12 @@ def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes:
             [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": block_size}}])
 
 
+# deep's structure (6 blocks of 8 heads and FFN 640) with rank256's word table: int4_word_table's keywords, shared by
+# the variants built on it.
+DEEP256 = {"leave_out": ("layer-drop",), "added": [{"prune-heads": {"keep": 8}}],
+           "changes": {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}, "low-rank": {"rank": 256}}}
+
+
 VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first
     #         [, passes it adds last])
     "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", (), {}, []),
@@ -99,14 +105,13 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
              {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}}, [{"prune-heads": {"keep": 8}}]),
     # Both levers that lead at 28800 steps off WordNet together: deep's structure with rank256's word table.
     "deep256": int4_word_table("6 blocks, 8 heads, FFN 640, rank-256 word table in int4 rows (block 64)", 64,
-                               leave_out=("layer-drop",), added=[{"prune-heads": {"keep": 8}}],
-                               changes={"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}, "low-rank": {"rank": 256}}),
+                               **DEEP256),
     # deep256 with a fourth distillation text, the Jargon File's casual prose (as minilm-fast-jargon adds it to the
     # flagship, +0.0065 on Python docs there), in equal shares; the vocabulary cut keeps the flagship's three texts'
     # word pieces, so the size stays deep256's (the jargon's extra rows would cost the 10x).
     "deep256j": int4_word_table("deep256, the Jargon File's sentences added to the distillation text", 64,
-                                leave_out=("layer-drop",), added=[{"prune-heads": {"keep": 8}}],
-                                changes={"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}, "low-rank": {"rank": 256},
+                                leave_out=DEEP256["leave_out"], added=DEEP256["added"],
+                                changes={**DEEP256["changes"],
                                          "distill": {"texts": ["builtin:wordnet", "builtin:python-docstrings",
                                                                "builtin:fortunes-train", "builtin:jargon"],
                                                      "samples": 300000}}),
