@@ -21,7 +21,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .calibration import tokenize_batches
-from .simulation import is_simulated
+from .simulation import is_simulated, straight_through
 from .structure import BertStructure
 from .validation import pool
 
@@ -80,28 +80,17 @@ def _straight_through_activation_uint8(x: torch.Tensor) -> torch.Tensor:
     return x + (fake_quant_activation_uint8(x) - x).detach()
 
 
-def _straight_through_table_int8(weight: torch.Tensor) -> torch.Tensor:
-    from passes.quantize_linear import fake_quant_table_int8
-
-    return weight + (fake_quant_table_int8(weight) - weight).detach()
-
-
-def _straight_through_fp16(x: torch.Tensor) -> torch.Tensor:
-    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
-
-
 def straight_through_of(fn):
-    """The straight-through-estimator twin of a simulated op: its value forward, identity gradient back.
-
-    Rounding has zero gradient almost everywhere, so training through the simulated op itself
-    would freeze every parameter upstream of it.
-    """
+    """The straight-through-estimator twin of a simulated op: its value forward, identity gradient back
+    (see ``compiler.simulation.straight_through``)."""
     from passes import quantize_linear as q
 
-    return {q.fake_quant_weight_int8: _straight_through_weight_int8,
-            q.fake_quant_activation_uint8: _straight_through_activation_uint8,
-            q.fake_quant_table_int8: _straight_through_table_int8,
-            q.fake_fp16: _straight_through_fp16}.get(fn)
+    # The two that qat inserts itself, by name (the weight's skips fake_quant_weight_int8's cache of rounded weights,
+    # which training would only churn); every other simulated op (quantize-linear's table and fp16 ops,
+    # quantize-embeddings' rows, int4 linears' activation blocks, a plugin's) gets simulation's generic twin.
+    named = {q.fake_quant_weight_int8: _straight_through_weight_int8,
+             q.fake_quant_activation_uint8: _straight_through_activation_uint8}.get(fn)
+    return named or straight_through(fn)
 
 
 @dataclass

@@ -264,6 +264,23 @@ def test_distill_after_quantize_linear_trains_through_the_simulated_int8(tiny3, 
     assert _heldout_cosine(gm, tiny3, calibration) > before
 
 
+@pytest.mark.parametrize("storage", [{"dtype": "int8"}, {"dtype": "int4", "block_size": 16}, {"dtype": "fp16"}])
+def test_training_probe_passes_gradients_through_simulated_table_rows(tiny3, calibration, storage):
+    # quantize-embeddings before distill (so distill trains through the stored precision): rounding has no gradient, so
+    # without a straight-through twin only the entries that set a row's (or a block's) scale would get one.
+    gm = _dropped(tiny3, calibration)
+    run_pass("quantize-embeddings", {**storage, "tables": ["word"]}, gm, tiny3, calibration)
+    structure = analyze(gm)
+    probe, _ = kd.build_probe(gm, structure, training=True)
+    batch = calibration.batches[0]
+    outputs = probe(**{key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch})
+    outputs["layers"][-1].pow(2).sum().backward()
+    table = dict(gm.named_parameters())[structure.embeddings.word_weight]
+    looked_up = table.grad[batch["input_ids"].unique()]
+    assert (looked_up != 0).float().mean().item() > 0.9
+    gm.zero_grad(set_to_none=True)
+
+
 def test_qat_simulates_int8_linears_only_while_training(tiny3, calibration):
     gm = _dropped(tiny3, calibration)
     ops_before = [n.target for n in gm.graph.nodes]
