@@ -77,13 +77,13 @@ RESULTS_RECIPES = compare.results_recipes()
 
 
 def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes: dict | None = None,
-                    added: list | None = None) -> tuple:
+                    added: list | None = None, before: str | None = None) -> tuple:
     """A VARIANTS value whose word table is stored in int4 rows (a scale per ``block_size`` columns) by a last
-    quantize-embeddings step, the position and token-type tables in int8 as before; ``changes`` and ``added`` (passes
-    it adds first) as in VARIANTS."""
+    quantize-embeddings step (``before``: placed before that pass instead), the position and token-type tables in int8
+    as before; ``changes`` and ``added`` (passes it adds first) as in VARIANTS."""
     return (label, leave_out, {**(changes or {}), "quantize-embeddings": {"tables": ["position", "token_type"]}},
             list(added or []),
-            [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": block_size}}])
+            [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": block_size}}], before)
 
 
 # deep's structure (6 blocks of 8 heads and FFN 640) with rank256's word table: int4_word_table's keywords, shared by
@@ -93,7 +93,7 @@ DEEP256 = {"leave_out": ("layer-drop",), "added": [{"prune-heads": {"keep": 8}}]
 
 
 VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first
-    #         [, passes it adds last])
+    #         [, passes it adds last [, the pass they go before instead]])
     "flagship": ("flagship structure (4 blocks, FFN 960, rank-128 word table)", (), {}, []),
     "blocks": ("all 6 blocks kept", ("layer-drop",), {}, []),
     "ffn": ("all 1536 FFN neurons kept", ("prune-ffn",), {}, []),
@@ -115,6 +115,23 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
                                          "distill": {"texts": ["builtin:wordnet", "builtin:python-docstrings",
                                                                "builtin:fortunes-train", "builtin:jargon"],
                                                      "samples": 300000}}),
+    # deep256's distillation trained differently, at its texts and steps: the pooled-embedding loss (what the held-out
+    # cosine measures) weighted 4 against the per-layer hidden-state and attention losses, or alone (which also skips
+    # recomputing the attention maps), or a peak learning rate of 1e-3 instead of 5e-4 (chosen at 100 steps).
+    "deep256out4": int4_word_table("deep256, pooled-embedding loss weighted 4 (hidden and attention 1)", 64,
+                                   leave_out=DEEP256["leave_out"], added=DEEP256["added"],
+                                   changes={**DEEP256["changes"],
+                                            "distill": {"losses": {"output": 4.0, "hidden": 1.0, "attention": 1.0}}}),
+    "deep256out": int4_word_table("deep256, pooled-embedding loss alone (no hidden or attention loss)", 64,
+                                  leave_out=DEEP256["leave_out"], added=DEEP256["added"],
+                                  changes={**DEEP256["changes"],
+                                           "distill": {"losses": {"output": 1.0, "hidden": 0.0, "attention": 0.0}}}),
+    "deep256lr": int4_word_table("deep256, peak learning rate 1e-3", 64, leave_out=DEEP256["leave_out"],
+                                 added=DEEP256["added"], changes={**DEEP256["changes"], "distill": {"lr": 1.0e-3}}),
+    # deep256 with its int4 word-table rows simulated while it distills (the int4 step before distill instead of last):
+    # distill trains the table through the rounding (straight-through), as qat does the int8 linears. The int4 step
+    # after distill costs deep256 0.0022 cosine on the WordNet slice at 28800 steps (0.9535 -> 0.9513).
+    "deep256q": int4_word_table("deep256, distilled through its int4 word-table rows", 64, before="distill", **DEEP256),
     # Word-table storage against width: int4 rows (quantize-embeddings dtype int4, position and token-type tables
     # stay int8) spend the bytes int8 rows of the rank-128 table take on a wider table. The int4 step runs last.
     "int4rows": int4_word_table("rank-128 word table in int4 rows (block 32)", 32),
@@ -146,7 +163,8 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
 
 def variant_recipe(base: dict, variant: tuple, steps: int) -> dict:
     """The flagship recipe as ``variant`` (a VARIANTS value) says, its distillation shortened to ``steps``."""
-    _, leave_out, changes, added, *appended = variant
+    _, leave_out, changes, added, *rest = variant
+    appended, before = (list(rest) + [[], None])[:2]
     recipe = copy.deepcopy(base)
     if "budget" in changes:
         recipe["budget"] = {**recipe["budget"], **changes["budget"]}
@@ -158,8 +176,10 @@ def variant_recipe(base: dict, variant: tuple, steps: int) -> dict:
         config.update(changes.get(name, {}))
         if name == "distill":
             config["steps"] = steps
+        if name == before:
+            passes += copy.deepcopy(appended or [])
         passes.append({name: config})
-    recipe["passes"] = passes + copy.deepcopy(appended[0] if appended else [])
+    recipe["passes"] = passes + ([] if before else copy.deepcopy(appended or []))
     return recipe
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -116,6 +117,17 @@ def test_prune_vocab_slices_an_albert_factorized_table(tiny, tiny_gm):
     assert tuple(table.shape) == (pruned.details["tokens_kept"], 8)
 
 
+def test_prune_vocab_slices_a_factorized_table_whose_rows_are_already_stored_in_int4(tiny, tiny_gm):
+    # quantize-embeddings before distill (distill then trains through the int4 rows) puts the simulated rows before
+    # prune-vocab, which must still cut the table exactly: the rounding is row-local.
+    passes = ("  - low-rank: {rank: 16, target: embeddings}\n"
+              "  - quantize-embeddings: {dtype: int4, tables: [word], block_size: 16}\n  - prune-vocab: {texts: builtin}")
+    state, (_, quantized, pruned) = manager_for(tiny, passes, budget=0.5).run(tiny_gm)
+    assert quantized.status == pruned.status == "applied"
+    assert pruned.kind == "exact" and pruned.checks["max_abs_error"] <= 1e-4
+    assert tuple(get_tensor(state.gm, analyze(state.gm).embeddings.word_weight).shape) == (pruned.details["tokens_kept"], 16)
+
+
 def test_a_corpus_of_only_heldout_texts_is_refused(tiny, tiny_gm, tmp_path):
     calibration = calibration_for(tiny)
     corpus = tmp_path / "heldout.txt"
@@ -139,6 +151,24 @@ def test_compile_writes_the_pruned_tokenizer_and_the_model_takes_its_ids(tiny_di
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     hidden = session.run(None, {name: enc[name].astype("int64") for name in ("input_ids", "attention_mask", "token_type_ids")})[0]
     assert hidden.shape[:2] == enc["input_ids"].shape
+
+
+def test_a_table_distilled_through_its_int4_rows_is_cut_and_stored_in_int4(tiny_dir, tmp_path):
+    # int4 rows before distill (which trains through them), prune-vocab after it: the final ONNX Runtime model keeps
+    # the cut table in int4 and agrees with the compiled graph.
+    recipe = write_recipe(tmp_path, f"model: {tiny_dir}\ncalibration: {{samples: 160, validation_samples: 8, max_length: 32}}\n"
+                                    "budget: {min: 0.3}\npasses:\n  - low-rank: {rank: 16, target: embeddings}\n"
+                                    "  - quantize-embeddings: {dtype: int4, tables: [word], block_size: 16}\n"
+                                    "  - distill: {steps: 10, batch_size: 8, max_length: 32, lr: 2.0e-3, monitor_every: 5}\n"
+                                    "  - prune-vocab: {}\n")
+    result = compile_recipe(load_recipe(recipe), tmp_path / "out")
+    assert result.exit_code == 0, result.report.get("failure")
+    assert [row["status"] for row in result.report["passes"]] == ["applied"] * 4
+    kept = result.report["passes"][3]["details"]["tokens_kept"]
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    packed = [t for t in graph.graph.initializer if t.name.endswith("_int4")]  # two int4 values to a byte
+    assert [tuple(t.dims) for t in packed] == [(kept, 8)]
+    assert result.report["final_check"]["passed"]
 
 
 @pytest.fixture()
