@@ -21,7 +21,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .calibration import tokenize_batches
-from .simulation import is_simulated, straight_through
+from .simulation import is_simulated, is_straight_through, straight_through
 from .structure import BertStructure
 from .validation import pool
 
@@ -118,9 +118,12 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
         for linear in structure.linears:
             node = mapping[linear.node]
             x, weight = node.args[0], node.args[1]
+            if _is_quantized(x):
+                # An earlier quantize-linear simulates this linear already (int8, or int4: weights rounded in place,
+                # activations in blocks); train it as that pass made it, not rounded a second time to int8.
+                continue
             with graph.inserting_before(node):
-                if not _is_quantized(x):
-                    x = graph.call_function(_straight_through_activation_uint8, (x,))
+                x = graph.call_function(_straight_through_activation_uint8, (x,))
                 if not _is_quantized(weight):
                     weight = graph.call_function(_straight_through_weight_int8, (weight,))
             node.args = (x, weight, *node.args[2:])
@@ -142,7 +145,8 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
 
 def _is_quantized(node) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and (
-        is_simulated(node) or node.target in (_straight_through_weight_int8, _straight_through_activation_uint8))
+        is_simulated(node) or is_straight_through(node)
+        or node.target in (_straight_through_weight_int8, _straight_through_activation_uint8))
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:

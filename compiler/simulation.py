@@ -40,6 +40,11 @@ def straight_through(fn: Callable) -> Callable:
     return twin
 
 
+def is_straight_through(node) -> bool:
+    """Whether ``node`` calls a :func:`straight_through` twin (in a training copy of a graph)."""
+    return node.op == "call_function" and node.target in _TWINS.values()
+
+
 def is_simulated(node) -> bool:
     return node.op == "call_function" and node.target in _SIMULATED
 

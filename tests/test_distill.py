@@ -13,8 +13,10 @@ from compiler.errors import PassRefused, RecipeError
 from compiler.frontend import example_inputs, trace
 from compiler.pass_manager import PassCheckFailed, PassManager
 from compiler.recipe import load_recipe, load_recipe_text
+from compiler.simulation import straight_through
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
+from passes.quantize_linear import fake_quant_activation_blocks_int8
 from tests.conftest import make_tiny_bert
 from tests.helpers import calibration_for, run_pass
 
@@ -290,6 +292,22 @@ def test_qat_simulates_int8_linears_only_while_training(tiny3, calibration):
     probe, _ = kd.build_probe(gm, analyze(gm), fake_quant_linears=True, training=True)
     simulated = [n for n in probe.graph.nodes if n.target is kd._straight_through_weight_int8]
     assert len(simulated) == len(analyze(gm).linears)
+
+
+def test_qat_leaves_linears_an_earlier_int4_quantize_linear_simulates_as_it_made_them(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    run_pass("quantize-linear", {"dtype": "int4", "method": "rtn", "block_size": 16, "exclude": ["embeddings", "attention"]},
+             gm, tiny3, calibration)
+    structure = analyze(gm)
+    probe, _ = kd.build_probe(gm, structure, fake_quant_linears=True, training=True)
+    by_name = {node.name: node for node in probe.graph.nodes}
+    for layer in structure.layers:
+        for linear, int4 in ((layer.attention.query, False), (layer.ffn.up, True), (layer.ffn.down, True)):
+            x, weight = by_name[linear.node.name].args[:2]
+            # int4 linears: their activation blocks trained straight-through, their rounded weights not rounded again
+            assert (x.target is straight_through(fake_quant_activation_blocks_int8)) is int4
+            assert (weight.op == "get_attr") is int4
+            assert (x.target is kd._straight_through_activation_uint8) is not int4
 
 
 def _manager(loaded, calibration, text):
