@@ -86,10 +86,20 @@ def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes:
             [{"quantize-embeddings": {"dtype": "int4", "tables": ["word"], "block_size": block_size}}], before)
 
 
-# deep's structure (6 blocks of 8 heads and FFN 640) with rank256's word table: int4_word_table's keywords, shared by
-# the variants built on it.
+# deep's structure (6 blocks of 8 heads and FFN 640) with rank256's word table, which the deep256 variants share.
 DEEP256 = {"leave_out": ("layer-drop",), "added": [{"prune-heads": {"keep": 8}}],
            "changes": {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}, "low-rank": {"rank": 256}}}
+# minilm-fast-jargon's distillation text: the flagship's three sources and the Jargon File's sentences, in equal shares.
+JARGON = {"texts": ["builtin:wordnet", "builtin:python-docstrings", "builtin:fortunes-train", "builtin:jargon"],
+          "samples": 300000}
+
+
+def deep256(label: str, distill: dict | None = None, before: str | None = None) -> tuple:
+    """A VARIANTS value on deep256: its structure and int4 word table, ``distill`` options changed, the int4 step
+    ``before`` a pass (as int4_word_table)."""
+    changes = {**DEEP256["changes"], **({"distill": distill} if distill else {})}
+    return int4_word_table(label, 64, leave_out=DEEP256["leave_out"], added=DEEP256["added"], changes=changes,
+                           before=before)
 
 
 VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: options it changes}, passes it adds first
@@ -104,34 +114,32 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     "deep": ("6 blocks, 8 heads, FFN 640 (the flagship's linear FLOPs)", ("layer-drop",),
              {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}}, [{"prune-heads": {"keep": 8}}]),
     # Both levers that lead at 28800 steps off WordNet together: deep's structure with rank256's word table.
-    "deep256": int4_word_table("6 blocks, 8 heads, FFN 640, rank-256 word table in int4 rows (block 64)", 64,
-                               **DEEP256),
+    "deep256": deep256("6 blocks, 8 heads, FFN 640, rank-256 word table in int4 rows (block 64)"),
     # deep256 with a fourth distillation text, the Jargon File's casual prose (as minilm-fast-jargon adds it to the
     # flagship, +0.0065 on Python docs there), in equal shares; the vocabulary cut keeps the flagship's three texts'
     # word pieces, so the size stays deep256's (the jargon's extra rows would cost the 10x).
-    "deep256j": int4_word_table("deep256, the Jargon File's sentences added to the distillation text", 64,
-                                leave_out=DEEP256["leave_out"], added=DEEP256["added"],
-                                changes={**DEEP256["changes"],
-                                         "distill": {"texts": ["builtin:wordnet", "builtin:python-docstrings",
-                                                               "builtin:fortunes-train", "builtin:jargon"],
-                                                     "samples": 300000}}),
+    "deep256j": deep256("deep256, the Jargon File's sentences added to the distillation text", JARGON),
     # deep256's distillation trained differently, at its texts and steps: the pooled-embedding loss (what the held-out
     # cosine measures) weighted 4 against the per-layer hidden-state and attention losses, or alone (which also skips
-    # recomputing the attention maps), or a peak learning rate of 1e-3 instead of 5e-4 (chosen at 100 steps).
-    "deep256out4": int4_word_table("deep256, pooled-embedding loss weighted 4 (hidden and attention 1)", 64,
-                                   leave_out=DEEP256["leave_out"], added=DEEP256["added"],
-                                   changes={**DEEP256["changes"],
-                                            "distill": {"losses": {"output": 4.0, "hidden": 1.0, "attention": 1.0}}}),
-    "deep256out": int4_word_table("deep256, pooled-embedding loss alone (no hidden or attention loss)", 64,
-                                  leave_out=DEEP256["leave_out"], added=DEEP256["added"],
-                                  changes={**DEEP256["changes"],
-                                           "distill": {"losses": {"output": 1.0, "hidden": 0.0, "attention": 0.0}}}),
-    "deep256lr": int4_word_table("deep256, peak learning rate 1e-3", 64, leave_out=DEEP256["leave_out"],
-                                 added=DEEP256["added"], changes={**DEEP256["changes"], "distill": {"lr": 1.0e-3}}),
+    # recomputing the attention maps), or a quarter of them, or a peak learning rate of 1e-3 or 2.5e-4 instead of 5e-4
+    # (chosen at 100 steps).
+    "deep256out4": deep256("deep256, pooled-embedding loss weighted 4 (hidden and attention 1)",
+                           {"losses": {"output": 4.0, "hidden": 1.0, "attention": 1.0}}),
+    "deep256out": deep256("deep256, pooled-embedding loss alone (no hidden or attention loss)",
+                          {"losses": {"output": 1.0, "hidden": 0.0, "attention": 0.0}}),
+    "deep256mid": deep256("deep256, hidden-state and attention losses weighted 4 (pooled embedding 1)",
+                          {"losses": {"output": 1.0, "hidden": 4.0, "attention": 4.0}}),
+    "deep256lr": deep256("deep256, peak learning rate 1e-3", {"lr": 1.0e-3}),
+    "deep256lr25": deep256("deep256, peak learning rate 2.5e-4", {"lr": 2.5e-4}),
     # deep256 with its int4 word-table rows simulated while it distills (the int4 step before distill instead of last):
     # distill trains the table through the rounding (straight-through), as qat does the int8 linears. The int4 step
     # after distill costs deep256 0.0022 cosine on the WordNet slice at 28800 steps (0.9535 -> 0.9513).
-    "deep256q": int4_word_table("deep256, distilled through its int4 word-table rows", 64, before="distill", **DEEP256),
+    "deep256q": deep256("deep256, distilled through its int4 word-table rows", before="distill"),
+    "deep256jq": deep256("deep256j, distilled through its int4 word-table rows", JARGON, before="distill"),
+    # All that led at 3000 steps or 28800 together: the Jargon File, the int4 rows trained through, the intermediate
+    # losses weighted 4.
+    "deep256jqm": deep256("deep256j, distilled through its int4 rows, hidden-state and attention losses weighted 4",
+                          {**JARGON, "losses": {"output": 1.0, "hidden": 4.0, "attention": 4.0}}, before="distill"),
     # Word-table storage against width: int4 rows (quantize-embeddings dtype int4, position and token-type tables
     # stay int8) spend the bytes int8 rows of the rank-128 table take on a wider table. The int4 step runs last.
     "int4rows": int4_word_table("rank-128 word table in int4 rows (block 32)", 32),
