@@ -74,23 +74,15 @@ def _straight_through_weight_int8(weight: torch.Tensor) -> torch.Tensor:
     return weight + (round_weight_int8(weight) - weight).detach()
 
 
-def _straight_through_activation_uint8(x: torch.Tensor) -> torch.Tensor:
-    from passes.quantize_linear import fake_quant_activation_uint8
-
-    return x + (fake_quant_activation_uint8(x) - x).detach()
-
-
 def straight_through_of(fn):
     """The straight-through-estimator twin of a simulated op: its value forward, identity gradient back
     (see ``compiler.simulation.straight_through``)."""
     from passes import quantize_linear as q
 
-    # The two that qat inserts itself, by name (the weight's skips fake_quant_weight_int8's cache of rounded weights,
-    # which training would only churn); every other simulated op (quantize-linear's table and fp16 ops,
-    # quantize-embeddings' rows, int4 linears' activation blocks, a plugin's) gets simulation's generic twin.
-    named = {q.fake_quant_weight_int8: _straight_through_weight_int8,
-             q.fake_quant_activation_uint8: _straight_through_activation_uint8}.get(fn)
-    return named or straight_through(fn)
+    # The weight's own twin skips fake_quant_weight_int8's cache of rounded weights, which training would only churn;
+    # every other simulated op (activations, quantize-linear's table and fp16 ops, quantize-embeddings' rows, int4
+    # linears' activation blocks, a plugin's) gets simulation's generic twin.
+    return _straight_through_weight_int8 if fn is q.fake_quant_weight_int8 else straight_through(fn)
 
 
 @dataclass
@@ -111,10 +103,11 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
     graph.graph_copy(gm.graph, mapping)
     if training:
         for node in list(graph.nodes):
-            twin = straight_through_of(node.target) if is_simulated(node) else None
-            if twin is not None:
-                node.target = twin
+            if is_simulated(node):
+                node.target = straight_through_of(node.target)
     if fake_quant_linears:
+        from passes.quantize_linear import fake_quant_activation_uint8
+
         for linear in structure.linears:
             node = mapping[linear.node]
             x, weight = node.args[0], node.args[1]
@@ -123,7 +116,7 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
                 # activations in blocks); train it as that pass made it, not rounded a second time to int8.
                 continue
             with graph.inserting_before(node):
-                x = graph.call_function(_straight_through_activation_uint8, (x,))
+                x = graph.call_function(straight_through(fake_quant_activation_uint8), (x,))
                 if not _is_quantized(weight):
                     weight = graph.call_function(_straight_through_weight_int8, (weight,))
             node.args = (x, weight, *node.args[2:])
@@ -145,8 +138,7 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
 
 def _is_quantized(node) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and (
-        is_simulated(node) or is_straight_through(node)
-        or node.target in (_straight_through_weight_int8, _straight_through_activation_uint8))
+        is_simulated(node) or is_straight_through(node) or node.target is _straight_through_weight_int8)
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:

@@ -16,7 +16,7 @@ from compiler.recipe import load_recipe, load_recipe_text
 from compiler.simulation import straight_through
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
-from passes.quantize_linear import fake_quant_activation_blocks_int8
+from passes.quantize_linear import fake_quant_activation_blocks_int8, fake_quant_activation_uint8
 from tests.conftest import make_tiny_bert
 from tests.helpers import calibration_for, run_pass
 
@@ -307,7 +307,7 @@ def test_qat_leaves_linears_an_earlier_int4_quantize_linear_simulates_as_it_made
             # int4 linears: their activation blocks trained straight-through, their rounded weights not rounded again
             assert (x.target is straight_through(fake_quant_activation_blocks_int8)) is int4
             assert (weight.op == "get_attr") is int4
-            assert (x.target is kd._straight_through_activation_uint8) is not int4
+            assert (x.target is straight_through(fake_quant_activation_uint8)) is not int4
 
 
 def _manager(loaded, calibration, text):
