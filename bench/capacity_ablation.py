@@ -133,7 +133,8 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     "deep256lr25": deep256("deep256, peak learning rate 2.5e-4", {"lr": 2.5e-4}),
     # deep256 with its int4 word-table rows simulated while it distills (the int4 step before distill instead of last):
     # distill trains the table through the rounding (straight-through), as qat does the int8 linears. The int4 step
-    # after distill costs deep256 0.0022 cosine on the WordNet slice at 28800 steps (0.9535 -> 0.9513).
+    # after distill cost deep256j's build (bench/DEEP256J-28800.md) 0.0022 of the compile's held-out WordNet cosine
+    # (0.9535 -> 0.9513).
     "deep256q": deep256("deep256, distilled through its int4 word-table rows", before="distill"),
     "deep256jq": deep256("deep256j, distilled through its int4 word-table rows", JARGON, before="distill"),
     # All that led at 3000 steps or 28800 together: the Jargon File, the int4 rows trained through, the intermediate
