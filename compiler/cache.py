@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .calibration import BUILTIN_CORPORA, FORTUNES_DIR, JARGON_FILE, WORDNET_DIR
+from .calibration import AUSTEN_DIR, BUILTIN_CORPORA, FORTUNES_DIR, JARGON_FILE, WORDNET_DIR
 from .frontend import resolve_model_path
 from .pass_infra import get_pass
 from .recipe import Recipe
@@ -58,7 +58,8 @@ def calibration_digest(source: str, base_dir: Path | None) -> str:
     if source in BUILTIN_CORPORA:
         # Corpora read from a system package's folder are covered by that folder's bytes (the recipe's own text names
         # which corpus or split of it); Python's own are covered by the Python version.
-        packaged = {"builtin:wordnet": WORDNET_DIR, "builtin:fortunes": FORTUNES_DIR, "builtin:jargon": JARGON_FILE}
+        packaged = {"builtin:wordnet": WORDNET_DIR, "builtin:fortunes": FORTUNES_DIR, "builtin:jargon": JARGON_FILE,
+                    "builtin:austen": AUSTEN_DIR}
         path = next((path for prefix, path in packaged.items() if source.startswith(prefix)), None)
         if path is not None and path.is_dir():
             return _hash_files(_tree_files(path), path)

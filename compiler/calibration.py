@@ -27,6 +27,8 @@ from .errors import CalibrationError
 WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 JARGON_FILE = Path("/usr/share/dictd/jargon.dict.dz")
+# The R package janeaustenr's data (Debian package r-cran-janeaustenr): a lazy-load database of six character vectors.
+AUSTEN_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
 _WORDS = re.compile(r"[A-Za-z]")
 
 
@@ -185,6 +187,61 @@ def jargon_texts() -> list[str]:
     return texts
 
 
+# A sentence ends at . ! or ? (a closing quotation mark may follow) before a capital, but not after Mr. Mrs. Dr. St.
+_AUSTEN_SENTENCE_END = re.compile(r"(?<!\bMr\.)(?<!\bMrs\.)(?<!\bDr\.)(?<!\bSt\.)(?<=[.!?])\s+(?=[\"'(]?[A-Z])"
+                                  r"|(?<=[.!?][\"'])\s+(?=[\"'(]?[A-Z])")
+
+
+def austen_texts() -> list[str]:
+    """The sentences of Jane Austen's six novels (R package janeaustenr, Debian package r-cran-janeaustenr; the Project
+    Gutenberg texts, public domain): narrative and dialogue in early-19th-century English about people, families,
+    money and marriage, some 27,700 sentences in book order (Emma, Mansfield Park, Northanger Abbey, Persuasion, Pride
+    and Prejudice, Sense and Sensibility)."""
+    import gzip
+    import warnings
+    import zlib
+
+    index, database = AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"
+    if not (index.is_file() and database.is_file()):
+        raise CalibrationError(
+            f"Jane Austen's novels are not installed ({index} is missing).", field="calibration.texts",
+            fix="install the Debian package r-cran-janeaustenr (apt-get install --no-install-recommends"
+                " r-cran-janeaustenr) or use texts: builtin.",
+        )
+    try:
+        import rdata
+    except ImportError:
+        raise CalibrationError(
+            "reading Jane Austen's novels (an R data file) needs the Python package rdata, which is not installed.",
+            field="calibration.texts", fix="pip install 'bertpress[corpora]' (or pip install rdata), or use texts: builtin.",
+        ) from None
+
+    def unserialize(raw: bytes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rdata warns that a bare serialization has no RDS header
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    # A lazy-load database: the index is a gzipped serialization of {name: (offset, length)} into the database, whose
+    # every entry is a 4-byte big-endian length and a zlib stream of one serialized object.
+    blob = database.read_bytes()
+    texts: list[str] = []
+    for name, (offset, length) in sorted(unserialize(gzip.decompress(index.read_bytes()))["variables"].items()):
+        lines = unserialize(zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)]))
+        for paragraph in re.split(r"\n\s*\n", "\n".join(str(line) for line in lines)):
+            text = " ".join(paragraph.replace("_", "").split())  # _italics_ markup
+            if text.isupper():
+                continue  # titles and chapter headings
+            for sentence in _AUSTEN_SENTENCE_END.split(text):
+                if sentence.count('"') % 2:  # a quotation's first or last sentence: drop its unmatched mark
+                    sentence = sentence.strip('"')
+                    if sentence.count('"') % 2:  # one opened or closed inside it
+                        sentence = sentence.replace('"', "")
+                words = sentence.split()
+                if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+                    texts.append(sentence)
+    return texts
+
+
 def _require_wordnet() -> None:
     if not (WORDNET_DIR / "data.noun").is_file():
         raise CalibrationError(
@@ -228,7 +285,7 @@ def wordnet_pairs() -> list[tuple[str, str]]:
 BUILTIN_CORPORA = {"builtin": python_docs_texts, "builtin:python-docs": python_docs_texts, "builtin:wordnet": wordnet_texts,
                    "builtin:python-docstrings": python_docstrings_texts, "builtin:fortunes": fortunes_texts,
                    "builtin:fortunes-train": fortunes_train_texts, "builtin:fortunes-heldout": fortunes_heldout_texts,
-                   "builtin:jargon": jargon_texts,
+                   "builtin:jargon": jargon_texts, "builtin:austen": austen_texts,
                    # Two-segment corpora (tuples of texts, tokenized as pairs) for sentence-pair passes.
                    "builtin:python-docs-pairs": python_docs_pairs, "builtin:wordnet-pairs": wordnet_pairs}
 

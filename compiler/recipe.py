@@ -33,7 +33,9 @@ class Calibration(_Strict):
         description="'builtin' (Python's own reference documentation, shipped with Python), 'builtin:python-docs',"
         " 'builtin:wordnet' (Debian package wordnet-base), 'builtin:python-docstrings' (the docstrings of Python's"
         " standard library), 'builtin:fortunes' (Debian package fortunes;"
-        " 'builtin:fortunes-train' and 'builtin:fortunes-heldout' split it by subject),"
+        " 'builtin:fortunes-train' and 'builtin:fortunes-heldout' split it by subject), 'builtin:jargon' (the"
+        " Jargon File's sentences, Debian package dict-jargon), 'builtin:austen' (the sentences of Jane Austen's six"
+        " novels, Debian package r-cran-janeaustenr and the Python package rdata),"
         " 'builtin:wordnet-pairs' / 'builtin:python-docs-pairs'"
         " (two-segment sentence pairs, for decouple-attention), a .txt file (one text per line), a .jsonl file"
         " (objects with a 'text' field) or a folder of such files. Relative paths are relative to the recipe.",

@@ -177,3 +177,13 @@ def test_jargon_file_digest_is_of_its_bytes(tmp_path, monkeypatch):
     before = cache.calibration_digest("builtin:jargon", None)
     path.write_bytes(gzip.compress(b"foo\n /foo/, n.\n\n    A sample name for nearly anything at all.\n"))
     assert cache.calibration_digest("builtin:jargon", None) != before
+
+
+def test_austen_digest_is_of_its_package_folder(tmp_path, monkeypatch):
+    (tmp_path / "Rdata.rdb").write_bytes(b"one")
+    (tmp_path / "Rdata.rdx").write_bytes(b"index")
+    monkeypatch.setattr(cache, "AUSTEN_DIR", tmp_path)
+    before = cache.calibration_digest("builtin:austen", None)
+    assert before != "builtin:austen"
+    (tmp_path / "Rdata.rdb").write_bytes(b"two")
+    assert cache.calibration_digest("builtin:austen", None) != before

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import compiler.calibration as calibration
-from compiler.calibration import FORTUNES_DIR, JARGON_FILE, load_texts, prepare_calibration, python_docs_texts, python_docstrings_texts
+from compiler.calibration import AUSTEN_DIR, FORTUNES_DIR, JARGON_FILE, load_texts, prepare_calibration, python_docs_texts, python_docstrings_texts
 from compiler.errors import CalibrationError
 
 
@@ -81,6 +81,31 @@ def test_missing_jargon_file_says_which_package_to_install(monkeypatch, tmp_path
         load_texts("builtin:jargon")
     message = str(error.value)
     assert "calibration.texts" in message and "apt-get install --no-install-recommends dict-jargon" in message
+
+
+@pytest.mark.skipif(not (AUSTEN_DIR / "Rdata.rdb").is_file(), reason="Debian package r-cran-janeaustenr not installed")
+def test_austen_is_the_sentences_of_her_six_novels():
+    pytest.importorskip("rdata")
+    texts = load_texts("builtin:austen")
+    assert len(set(texts)) > 25_000
+    assert all(6 <= len(t.split()) <= 80 and "\n" not in t and "_" not in t for t in texts)  # _italics_ unmarked
+    assert "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want" \
+           " of a wife." in texts  # Pride and Prejudice's first sentence, whole
+    assert texts[0].startswith("Emma Woodhouse, handsome, clever, and rich")  # the novels in name order, Emma first
+    assert not any(t.isupper() or t.startswith("CHAPTER") for t in texts)
+    # A quotation's sentences keep their marks only where both ends are in the sentence.
+    assert all(t.count('"') % 2 == 0 for t in texts)
+    assert any(t.startswith('"') and t.endswith('"') for t in texts)
+    if FORTUNES_DIR.is_dir():  # another text than the fortunes it would join: none of its sentences is a fortune
+        assert not set(texts) & set(load_texts("builtin:fortunes"))
+
+
+def test_missing_austen_says_which_package_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(calibration, "AUSTEN_DIR", tmp_path / "janeaustenr" / "data")
+    with pytest.raises(CalibrationError) as error:
+        load_texts("builtin:austen")
+    message = str(error.value)
+    assert "calibration.texts" in message and "apt-get install --no-install-recommends r-cran-janeaustenr" in message
 
 
 def test_missing_fortunes_say_which_package_to_install(monkeypatch, tmp_path):
