@@ -45,6 +45,8 @@ BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored 
         --variants deep256 --rounds32 15 --results bench/DEEP256-28800.md
     BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
         --variants deep256j --rounds32 15 --results bench/DEEP256J-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
+        --variants deep256mid deep256ma --rounds32 9 --results bench/AUSTEN-3000.md
 """
 
 from __future__ import annotations
