@@ -32,6 +32,11 @@ AUSTEN_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
 _WORDS = re.compile(r"[A-Za-z]")
 
 
+def _is_prose(text: str) -> bool:
+    """A text the corpora keep: 6-80 words, mostly letters (not a heading, a table row or a line of code)."""
+    return 6 <= len(text.split()) <= 80 and len(_WORDS.findall(text)) > len(text) / 2
+
+
 def _prose_paragraphs(document: str) -> list[list[str]]:
     """The prose paragraphs of a plain-text document, each as its list of kept sentences (6-80 words, mostly letters)."""
     paragraphs: list[list[str]] = []
@@ -43,8 +48,7 @@ def _prose_paragraphs(document: str) -> list[list[str]]:
         text = " ".join(line.strip() for line in lines)
         sentences = []
         for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-            words = sentence.split()
-            if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+            if _is_prose(sentence):
                 sentences.append(sentence)
         paragraphs.append(sentences)
     return paragraphs
@@ -132,8 +136,7 @@ def _fortunes(keep) -> list[str]:
             lines = [line.strip() for line in entry.splitlines() if line.strip()]
             lines = [line for line in lines if not line.startswith(("--", "- "))]  # attributions
             text = " ".join(" ".join(lines).split())
-            words = text.split()
-            if 6 <= len(words) <= 80 and len(_WORDS.findall(text)) > len(text) / 2:
+            if _is_prose(text):
                 texts.append(text)
     return texts
 
@@ -181,8 +184,7 @@ def jargon_texts() -> list[str]:
             text = plain
         text = re.sub(r"^(\d+\.\s+)?(\[[^\]]*\]\s*)?", "", text)  # sense number, [etymology or usage label]
         for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-            words = sentence.split()
-            if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+            if _is_prose(sentence):
                 texts.append(sentence)
     return texts
 
@@ -236,8 +238,7 @@ def austen_texts() -> list[str]:
                     sentence = sentence.strip('"')
                     if sentence.count('"') % 2:  # one opened or closed inside it
                         sentence = sentence.replace('"', "")
-                words = sentence.split()
-                if 6 <= len(words) <= 80 and len(_WORDS.findall(sentence)) > len(sentence) / 2:
+                if _is_prose(sentence):
                     texts.append(sentence)
     return texts
 
