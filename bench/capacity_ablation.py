@@ -91,15 +91,18 @@ def int4_word_table(label: str, block_size: int, leave_out: tuple = (), changes:
 # deep's structure (6 blocks of 8 heads and FFN 640) with rank256's word table, which the deep256 variants share.
 DEEP256 = {"leave_out": ("layer-drop",), "added": [{"prune-heads": {"keep": 8}}],
            "changes": {"prune-ffn": {"keep": 640}, "budget": {"min": 0.3}, "low-rank": {"rank": 256}}}
-# minilm-fast-jargon's distillation text: the flagship's three sources and the Jargon File's sentences, in equal shares.
+# minilm-fast-jargon's distillation text: the flagship's three sources and the Jargon File's sentences, up to 75,000
+# texts each (distill gives a source without weights samples / sources texts, or all it has: WordNet 75,000 of its
+# 153,390, and every one of the 12,487 docstring sentences, 8,578 training fortunes and 8,043 jargon sentences).
 JARGON = {"texts": ["builtin:wordnet", "builtin:python-docstrings", "builtin:fortunes-train", "builtin:jargon"],
           "samples": 300000}
 
-# Jane Austen's six novels as a fourth equal share beside the flagship's three: narrative and dialogue about people,
+# Jane Austen's six novels (all 27,704 sentences) as a fourth source beside the flagship's three: narrative and dialogue about people,
 # families and marriage, the everyday life the held-out fortunes are about, in another genre (no 8-word run of theirs
 # is in any of the three held-out samples).
 AUSTEN = {"texts": ["builtin:wordnet", "builtin:python-docstrings", "builtin:fortunes-train", "builtin:austen"],
           "samples": 300000}
+JARGON_AUSTEN = {"texts": JARGON["texts"] + ["builtin:austen"], "samples": 375000}
 MID = {"losses": {"output": 1.0, "hidden": 4.0, "attention": 4.0}}
 
 
@@ -125,7 +128,7 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # Both levers that lead at 28800 steps off WordNet together: deep's structure with rank256's word table.
     "deep256": deep256("6 blocks, 8 heads, FFN 640, rank-256 word table in int4 rows (block 64)"),
     # deep256 with a fourth distillation text, the Jargon File's casual prose (as minilm-fast-jargon adds it to the
-    # flagship, +0.0065 on Python docs there), in equal shares; the vocabulary cut keeps the flagship's three texts'
+    # flagship, +0.0065 on Python docs there), as in JARGON; the vocabulary cut keeps the flagship's three texts'
     # word pieces, so the size stays deep256's (the jargon's extra rows would cost the 10x).
     "deep256j": deep256("deep256, the Jargon File's sentences added to the distillation text", JARGON),
     # deep256's distillation trained differently, at its texts and steps: the pooled-embedding loss (what the held-out
@@ -153,6 +156,10 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # The flagship's texts plus Jane Austen's novels, with the per-layer losses weighted 4 (deep256mid's, the best way
     # to train deep256 at 3000 steps): what a fourth text of everyday narrative English buys off WordNet.
     "deep256ma": deep256("deep256mid, Jane Austen's novels added to the distillation text", {**AUSTEN, **MID}),
+    # Both extra texts that helped off WordNet (the Jargon File: docs at 28800 steps; Austen: fortunes at 3000) and
+    # deep256mid's losses: five sources, up to 75,000 texts each as in deep256j and deep256ma.
+    "deep256jam": deep256("deep256mid, the Jargon File's and Jane Austen's sentences added to the distillation text",
+                          {**JARGON_AUSTEN, **MID}),
     # Word-table storage against width: int4 rows (quantize-embeddings dtype int4, position and token-type tables
     # stay int8) spend the bytes int8 rows of the rank-128 table take on a wider table. The int4 step runs last.
     "int4rows": int4_word_table("rank-128 word table in int4 rows (block 32)", 32),

@@ -83,7 +83,13 @@ class DistillConfig(PassConfig):
     texts: str | list[str] | None = Field(
         None, description="Training text sources (each as calibration.texts: builtin, builtin:wordnet, a .txt/.jsonl file or"
         " folder; a list mixes them); default: the calibration texts. Held-out validation texts are always removed.")
-    samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`, in equal shares when it lists several sources.")
+    samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`. When it"
+                         " lists several sources and no `weights`, each gives up to samples / (number of sources) texts,"
+                         " all of a smaller one (the report's source_texts says how many each gave).")
+    weights: list[float] | None = Field(
+        None, description="One weight per source in `texts` (a list): the share of the `samples` texts each gives, so"
+        " source i gives round(samples * weights[i] / sum(weights)) texts; a source with fewer distinct texts than that"
+        " repeats them (whole copies, then a seeded sample), so a small corpus can carry a large share of the training.")
     pack: bool = Field(False, description="Join consecutive short texts into sequences of about max_length tokens.")
     bucket: bool = Field(False, description="Batch texts of similar length together, so batches carry little padding"
                          " (1.7x more steps per hour on WordNet glosses, bench/distill_throughput.py; same texts per epoch). Excludes pack.")
@@ -98,6 +104,21 @@ class DistillConfig(PassConfig):
         if self.pack and self.bucket:
             raise ValueError("pack and bucket exclude each other: packed sequences all have about max_length tokens;"
                              " set one of them to false")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_match_texts(self):
+        if self.weights is None:
+            return self
+        if not isinstance(self.texts, list):
+            raise ValueError("weights needs texts to be a list of sources (one weight per source); give texts as a list"
+                             " or remove weights")
+        if len(self.weights) != len(self.texts):
+            raise ValueError(f"weights has {len(self.weights)} entries but texts lists {len(self.texts)} sources; give"
+                             " one weight per source, in the same order")
+        if any(not 0 < w < float("inf") for w in self.weights):  # also refuses nan
+            raise ValueError("every weight must be a finite number above 0 (leave a source out of texts instead of"
+                             " weighting it 0)")
         return self
 
     @field_validator("layer_map")
@@ -143,7 +164,7 @@ class Distill(Pass):
         teacher_structure = analyze(teacher_gm)
         layer_map = self._layer_map(structure, teacher_structure)
 
-        texts, source = self._training_texts(ctx, seed)
+        texts, source, source_texts = self._training_texts(ctx, seed)
         monitor, texts = texts[:MONITOR_TEXTS], texts[MONITOR_TEXTS:]
         stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed, pack=cfg.pack, bucket=cfg.bucket)
         monitor_batches = tokenize_batches(ctx.tokenizer, monitor, cfg.max_length, cfg.batch_size)
@@ -174,7 +195,7 @@ class Distill(Pass):
             finally:
                 for name, param in gm.named_parameters():
                     param.requires_grad_(flags[name])
-        details = {"texts": source, "training_texts": len(texts), "epochs": stream.epochs, "layer_map": layer_map,
+        details = {"texts": source, "training_texts": len(texts), "source_texts": source_texts, "epochs": stream.epochs, "layer_map": layer_map,
                    "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
                    "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, "bucket": cfg.bucket,
                    "padding_share": round(stream.padding_share, 3),
@@ -218,25 +239,35 @@ class Distill(Pass):
                               fix=f"give {count} teacher indices between 0 and {teacher_count - 1}.")
         return list(cfg.layer_map)
 
-    def _training_texts(self, ctx: PassContext, seed: int) -> tuple[list[str], str]:
+    def _training_texts(self, ctx: PassContext, seed: int) -> tuple[list[str], str | list[str], list[dict]]:
+        """The training texts (monitor slice included), the source option as given, and per source how many texts it
+        gave (``texts``) and how many of them are distinct (``distinct``)."""
         cfg = self.config
         heldout = set(ctx.calibration.heldout_texts)
         if cfg.texts is None:
             texts = [t for t in ctx.calibration.texts if t not in heldout]
-            source = "calibration"
+            source, source_texts = "calibration", [{"source": "calibration", "texts": len(texts),
+                                                    "distinct": len(set(texts))}]
         else:
             sources = [cfg.texts] if isinstance(cfg.texts, str) else cfg.texts
-            rng, texts = random.Random(seed), []
-            for name in sources:  # equal shares, so a small corpus is not drowned by a large one
+            rng, texts, source_texts = random.Random(seed), [], []
+            for index, name in enumerate(sources):
                 candidates = [t for t in dict.fromkeys(load_texts(name, ctx.base_dir)) if t not in heldout]
-                texts += rng.sample(candidates, min(cfg.samples // len(sources), len(candidates)))
+                if cfg.weights is None:  # at most an equal share, so a small corpus is not drowned by a large one
+                    share = rng.sample(candidates, min(cfg.samples // len(sources), len(candidates)))
+                else:
+                    wanted = round(cfg.samples * cfg.weights[index] / sum(cfg.weights))
+                    copies, rest = divmod(wanted, len(candidates)) if candidates else (0, 0)
+                    share = candidates * copies + rng.sample(candidates, rest)
+                texts += share
+                source_texts.append({"source": name, "texts": len(share), "distinct": min(len(share), len(candidates))})
             rng.shuffle(texts)
             source = cfg.texts
         if len(texts) < MONITOR_TEXTS + 8:
             raise self.refuse(f"only {len(texts)} training texts (after removing held-out ones); distillation needs at"
                               f" least {MONITOR_TEXTS + 8} ({MONITOR_TEXTS} are kept apart to monitor fidelity).",
                               fix="raise calibration.samples or give distill a larger `texts` source.")
-        return texts, source
+        return texts, source, source_texts
 
     def _trainable(self, gm: torch.fx.GraphModule, structure) -> set[str]:
         params = dict(gm.named_parameters())

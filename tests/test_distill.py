@@ -448,3 +448,32 @@ def test_a_list_of_text_sources_mixes_them_in_equal_shares(tiny3, calibration, t
     result = run_pass("distill", {**FAST, "steps": 1, "texts": [str(first), str(second)], "samples": 100}, gm, tiny3,
                       calibration)
     assert result.details["training_texts"] == 100 - 64
+    assert result.details["source_texts"] == [{"source": str(first), "texts": 50, "distinct": 50},
+                                              {"source": str(second), "texts": 50, "distinct": 50}]
+
+
+def test_a_small_source_gives_all_it_has_without_weights_and_its_share_with_them(tiny3, calibration, tmp_path):
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("\n".join(f"a long corpus sentence {i} about encoders" for i in range(400)) + "\n")
+    small.write_text("\n".join(f"a small corpus sentence {i} about glosses" for i in range(30)) + "\n")
+    config = {**FAST, "steps": 1, "texts": [str(big), str(small)], "samples": 200}
+    equal = run_pass("distill", config, _dropped(tiny3, calibration), tiny3, calibration).details
+    assert [s["texts"] for s in equal["source_texts"]] == [100, 30]  # up to 100 each: all 30 of the small one
+    weighted = run_pass("distill", {**config, "weights": [1, 3]}, _dropped(tiny3, calibration), tiny3, calibration)
+    assert weighted.details["source_texts"] == [{"source": str(big), "texts": 50, "distinct": 50},
+                                                {"source": str(small), "texts": 150, "distinct": 30}]
+    assert weighted.details["training_texts"] == 200 - 64
+
+
+@pytest.mark.parametrize("distill, message", [
+    ("{texts: builtin:wordnet, weights: [1]}", "weights needs texts to be a list"),
+    ("{texts: [builtin:wordnet, builtin:fortunes-train], weights: [1]}", "weights has 1 entries but texts lists 2"),
+    ("{texts: [builtin:wordnet, builtin:fortunes-train], weights: [1, 0]}", "finite number above 0"),
+    ("{texts: [builtin:wordnet, builtin:fortunes-train], weights: [1, .nan]}", "finite number above 0"),
+])
+def test_weights_that_do_not_fit_texts_are_refused_naming_the_field(tmp_path, distill, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"version: 1\nmodel: builtin:minilm-l6\npasses:\n  - distill: {distill}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    assert "passes[0]" in str(error.value) and message in str(error.value) and str(recipe) in str(error.value)
