@@ -156,6 +156,11 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     # The flagship's texts plus Jane Austen's novels, with the per-layer losses weighted 4 (deep256mid's, the best way
     # to train deep256 at 3000 steps): what a fourth text of everyday narrative English buys off WordNet.
     "deep256ma": deep256("deep256mid, Jane Austen's novels added to the distillation text", {**AUSTEN, **MID}),
+    # deep256ma's four sources in shares set by weights instead of by corpus size (WordNet 61%, docstrings 10%,
+    # fortunes 7%, Austen 22% there): WordNet 45%, the docstrings 20% and the training fortunes 15% (each repeated about
+    # twice), Austen 20%, so the two small texts nearest the held-out docs and fortunes carry twice their share.
+    "deep256mw": deep256("deep256ma, texts weighted: WordNet 0.45, docstrings 0.2, fortunes 0.15, Austen 0.2",
+                         {**AUSTEN, **MID, "samples": 125000, "weights": [0.45, 0.2, 0.15, 0.2]}),
     # Both extra texts that helped off WordNet (the Jargon File: docs at 28800 steps; Austen: fortunes at 3000) and
     # deep256mid's losses: five sources, up to 75,000 texts each as in deep256j and deep256ma.
     "deep256jam": deep256("deep256mid, the Jargon File's and Jane Austen's sentences added to the distillation text",

@@ -134,6 +134,14 @@ WARM_STEPS = 50  # seconds_per_step_steady leaves these out
 PROBE_GRAPH_GAP = 0.1  # how far the plain graph may score below the probe on the monitor texts (qat: simulated int8)
 
 
+def split_monitor(texts: list[str]) -> tuple[list[str], list[str]]:
+    """The first MONITOR_TEXTS distinct texts, and the rest without any copy of them (``weights`` repeats the texts of a
+    small source), so fidelity is monitored on texts the student does not train on."""
+    monitor = list(dict.fromkeys(texts))[:MONITOR_TEXTS]
+    kept = set(monitor)
+    return monitor, [t for t in texts if t not in kept]
+
+
 def _compiled(probe: torch.fx.GraphModule):
     """``probe`` through torch.compile; a machine that cannot compile is told so at the first call, in words."""
     import shutil
@@ -165,7 +173,7 @@ class Distill(Pass):
         layer_map = self._layer_map(structure, teacher_structure)
 
         texts, source, source_texts = self._training_texts(ctx, seed)
-        monitor, texts = texts[:MONITOR_TEXTS], texts[MONITOR_TEXTS:]
+        monitor, texts = split_monitor(texts)
         stream = kd.TextStream(texts, ctx.tokenizer, cfg.batch_size, cfg.max_length, seed, pack=cfg.pack, bucket=cfg.bucket)
         monitor_batches = tokenize_batches(ctx.tokenizer, monitor, cfg.max_length, cfg.batch_size)
 

@@ -462,7 +462,21 @@ def test_a_small_source_gives_all_it_has_without_weights_and_its_share_with_them
     weighted = run_pass("distill", {**config, "weights": [1, 3]}, _dropped(tiny3, calibration), tiny3, calibration)
     assert weighted.details["source_texts"] == [{"source": str(big), "texts": 50, "distinct": 50},
                                                 {"source": str(small), "texts": 150, "distinct": 30}]
-    assert weighted.details["training_texts"] == 200 - 64
+    # The 64 monitor texts leave training with all their copies: 1 each from the big source, 5 from the small one.
+    removed = 200 - weighted.details["training_texts"]
+    assert 64 < removed <= 64 * 5 and (removed - 64) % 4 == 0
+
+
+def test_the_monitor_texts_are_distinct_and_none_of_them_is_trained_on():
+    from passes.distill import MONITOR_TEXTS, split_monitor
+
+    texts = [f"text {i % 40}" for i in range(400)] + [f"once {i}" for i in range(100)]
+    random.Random(0).shuffle(texts)
+    monitor, training = split_monitor(texts)
+    assert len(monitor) == len(set(monitor)) == MONITOR_TEXTS and not set(monitor) & set(training)
+    assert len(training) == len(texts) - sum(texts.count(t) for t in monitor)
+    distinct = [f"plain {i}" for i in range(100)]  # no repeats: the first 64 monitor, the other 36 train, as before
+    assert split_monitor(distinct) == (distinct[:64], distinct[64:])
 
 
 @pytest.mark.parametrize("distill, message", [
