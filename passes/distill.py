@@ -203,7 +203,8 @@ class Distill(Pass):
             finally:
                 for name, param in gm.named_parameters():
                     param.requires_grad_(flags[name])
-        details = {"texts": source, "training_texts": len(texts), "source_texts": source_texts, "epochs": stream.epochs, "layer_map": layer_map,
+        details = {"texts": source, "training_texts": len(texts), "source_texts": source_texts, "epochs": stream.epochs,
+                   "layer_map": layer_map,
                    "trained_parameters": sum(p.numel() for n, p in gm.named_parameters() if n in trained),
                    "student_heads": [i.heads for i in student_info], "qat": cfg.qat, "pack": cfg.pack, "bucket": cfg.bucket,
                    "padding_share": round(stream.padding_share, 3),
@@ -271,9 +272,10 @@ class Distill(Pass):
                 source_texts.append({"source": name, "texts": len(share), "distinct": min(len(share), len(candidates))})
             rng.shuffle(texts)
             source = cfg.texts
-        if len(texts) < MONITOR_TEXTS + 8:
-            raise self.refuse(f"only {len(texts)} training texts (after removing held-out ones); distillation needs at"
-                              f" least {MONITOR_TEXTS + 8} ({MONITOR_TEXTS} are kept apart to monitor fidelity).",
+        distinct = len(set(texts))  # repeated texts (weights) count once: the monitor slice takes all their copies
+        if distinct < MONITOR_TEXTS + 8:
+            raise self.refuse(f"only {distinct} distinct training texts (after removing held-out ones); distillation"
+                              f" needs at least {MONITOR_TEXTS + 8} ({MONITOR_TEXTS} are kept apart to monitor fidelity).",
                               fix="raise calibration.samples or give distill a larger `texts` source.")
         return texts, source, source_texts
 

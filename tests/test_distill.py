@@ -467,6 +467,15 @@ def test_a_small_source_gives_all_it_has_without_weights_and_its_share_with_them
     assert 64 < removed <= 64 * 5 and (removed - 64) % 4 == 0
 
 
+def test_few_distinct_texts_are_refused_however_often_weights_repeat_them(tiny3, calibration, tmp_path):
+    few, other = tmp_path / "few.txt", tmp_path / "other.txt"
+    few.write_text("\n".join(f"one of few sentences {i}" for i in range(30)) + "\n")
+    other.write_text("\n".join(f"one of other sentences {i}" for i in range(30)) + "\n")
+    config = {**FAST, "steps": 1, "texts": [str(few), str(other)], "weights": [1, 1], "samples": 5000}
+    with pytest.raises(PassRefused, match="only 60 distinct training texts"):
+        run_pass("distill", config, _dropped(tiny3, calibration), tiny3, calibration)
+
+
 def test_the_monitor_texts_are_distinct_and_none_of_them_is_trained_on():
     from passes.distill import MONITOR_TEXTS, split_monitor
 
