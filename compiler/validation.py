@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .model_inputs import feed
+
 Runner = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -20,7 +22,7 @@ def hidden_states(module: torch.nn.Module) -> Runner:
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            out = module(**batch)
+            out = module(**feed(module, batch))
         return out[0] if not isinstance(out, torch.Tensor) else out
 
     return run

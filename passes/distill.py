@@ -37,6 +37,7 @@ from compiler.calibration import load_texts, tokenize_batches
 from compiler.frontend import example_inputs, trace
 from compiler.errors import PassRefused
 from compiler.graph_edit import get_tensor, set_parameter
+from compiler.model_inputs import feed
 from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
 from compiler.structure import analyze
 from compiler.validation import hidden_states, pool
@@ -193,7 +194,7 @@ class Distill(Pass):
                 for name, param in gm.named_parameters():
                     param.requires_grad_(name in trained)
                 with torch.no_grad():
-                    monitor_targets = [pool(teacher(**b)["layers"][-1], b["attention_mask"], cfg.pooling)
+                    monitor_targets = [pool(teacher(**feed(teacher, b))["layers"][-1], b["attention_mask"], cfg.pooling)
                                        for b in monitor_batches]
                 history = self._train(student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches,
                                       monitor_targets, [p for n, p in gm.named_parameters() if n in trained], ctx)
@@ -301,7 +302,7 @@ class Distill(Pass):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kd.lr_lambda(cfg.steps, cfg.warmup, cfg.schedule))
 
         def monitor_cosine() -> float:
-            return self._monitor_cosine(lambda b: student(**b)["layers"][-1], monitor_batches, monitor_targets)
+            return self._monitor_cosine(lambda b: student(**feed(student, b))["layers"][-1], monitor_batches, monitor_targets)
 
         report = ctx.progress
         first = monitor_cosine()
@@ -313,8 +314,8 @@ class Distill(Pass):
             batch = stream.next()
             mask = batch["attention_mask"]
             with torch.no_grad():
-                t = teacher(**batch)
-            s = student(**batch)
+                t = teacher(**feed(teacher, batch))
+            s = student(**feed(student, batch))
             terms = {}
             if weights.output:
                 terms["output"] = kd.output_loss(t["layers"][-1], s["layers"][-1], mask, cfg.output_loss, cfg.pooling)

@@ -12,10 +12,11 @@ import onnx_ir as ir
 import torch
 from torch.export import Dim
 
+from ..model_inputs import MODEL_INPUTS, accepted_inputs
 from .io import save_model
 from .quiet import quiet
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_NAMES = MODEL_INPUTS
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 OPSET = 20  # first opset with a native Gelu op; ORT 1.32 supports it and fusions match it
 
@@ -35,17 +36,18 @@ def _dynamic_shapes(example_inputs: dict[str, torch.Tensor], max_seq: int) -> di
     return {name: {0: batch, 1: seq} for name in example_inputs}
 
 
-def _ordered_inputs(example_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    missing = [n for n in INPUT_NAMES if n not in example_inputs]
+def _ordered_inputs(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = accepted_inputs(module)  # the model's own inputs: DistilBERT's ONNX graph has no token_type_ids
+    missing = [n for n in names if n not in example_inputs]
     if missing:
-        raise ValueError(f"export_onnx: example_inputs lacks {missing}; need {list(INPUT_NAMES)}")
+        raise ValueError(f"export_onnx: example_inputs lacks {missing}; need {list(names)}")
     # int64 ids/masks: the exported graph's inputs carry this dtype, and HF tokenizers return it.
-    return {n: example_inputs[n].to(torch.int64) for n in INPUT_NAMES}
+    return {n: example_inputs[n].to(torch.int64) for n in names}
 
 
 def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) -> ir.Model:
     """Export to an in-memory `onnx_ir` model (fp32, exporter's own constant folding only)."""
-    kwargs = _ordered_inputs(example_inputs)
+    kwargs = _ordered_inputs(module, example_inputs)
     if not isinstance(module, torch.fx.GraphModule):
         # A raw nn.Module must not export dropout; an exported GraphModule already baked
         # train=False into its dropout nodes and refuses .eval().
@@ -59,7 +61,7 @@ def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) 
             kwargs=kwargs,
             dynamo=True,
             opset_version=OPSET,
-            input_names=list(INPUT_NAMES),
+            input_names=list(kwargs),
             output_names=list(OUTPUT_NAMES[:n_out]),
             dynamic_shapes=_dynamic_shapes(kwargs, _max_sequence(module)),
             optimize=True,

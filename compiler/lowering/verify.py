@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model_inputs import feed
 from .export import INPUT_NAMES
 
 
@@ -39,7 +40,7 @@ def token_type_count(module: torch.nn.Module) -> int:
 
 def torch_outputs(module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     with torch.no_grad():
-        out = module(**inputs)
+        out = module(**feed(module, inputs))
     first = out[0] if not isinstance(out, torch.Tensor) else out
     return first.float().numpy()
 
@@ -53,7 +54,8 @@ def ort_session(path: Path, threads: int = 1):
 
 def ort_outputs(path_or_session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
-    feeds = {n: inputs[n].numpy().astype(np.int64) for n in INPUT_NAMES}
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {n: inputs[n].numpy().astype(np.int64) for n in INPUT_NAMES if n in names}
     return sess.run(None, feeds)[0]
 
 
