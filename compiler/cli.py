@@ -128,6 +128,17 @@ def cmd_validate(args) -> int:
     from .calibration import load_texts
     from .frontend import resolve_model_path
 
+    if _searchable(args.recipe):
+        from .search_space import load_search_space
+
+        space = load_search_space(args.recipe)
+        resolve_model_path(space.data.get("model", "builtin:minilm-l6"))
+        load_texts((space.data.get("calibration") or {}).get("texts", "builtin"), space.base_dir)
+        options = ", ".join(f"{dim.name} ({len(dim.choices)})" for dim in space.dimensions) or "none"
+        console.print(f"{args.recipe}: ok, searchable: {space.size} candidates over {len(space.dimensions)} options"
+                      f" ({options}); every choice is valid. Search it with `bertpress tune {args.recipe} --out DIR`.",
+                      markup=False)
+        return 0
     recipe = _load(args.recipe, args.model)
     resolve_model_path(recipe.file.model)
     load_texts(recipe.file.calibration.texts, recipe.base_dir)
@@ -135,6 +146,84 @@ def cmd_validate(args) -> int:
     console.print(f"{args.recipe}: ok ({len(recipe.steps)} passes: {names})")
     if args.print:
         print(json.dumps(recipe.normalized(), indent=2))
+    return 0
+
+
+def _searchable(path: str) -> bool:
+    import yaml
+
+    from .search_space import is_searchable
+
+    try:
+        return is_searchable(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the ordinary loader reports it
+
+
+def _tune_progress(kind: str, **payload) -> None:
+    if kind == "status":
+        console.print(f"  {payload['message']}", markup=False)
+    elif kind == "start":
+        pending = payload["pending"]
+        estimate = pending.estimate
+        figure = f"estimated {estimate.latency_ms:.2f} ms" if estimate.latency_ms is not None else ""
+        steps = f", distill {payload['steps']} steps" if payload.get("steps") else ""
+        console.print(f"  [{payload['done'] + 1}/{payload['total']}] compiling {_options(pending.options)} ({figure}{steps})",
+                      markup=False)
+    elif kind == "trial":
+        record, best = payload["record"], payload["best"]
+        fidelity = f" {record.get('metric', 'cosine')} {record['fidelity']:.4f}" if record.get("fidelity") is not None else ""
+        measured = f", measured {record['measured_latency_ms']:.1f} ms" if record.get("measured_latency_ms") else ""
+        rung = f" (distill {record['distill_steps']} steps)" if record.get("distill_steps") else ""
+        status = record["status"] + (" (from the previous run)" if record.get("reused") else "")
+        if record.get("retried"):
+            status = f"failed, trying once more: {record.get('reason')}"
+        elif record["status"] in ("pruned", "invalid", "failed"):
+            status += f": {record.get('reason')}"
+        best_text = (f"best so far {_options(best['options'])} {best.get('fidelity', 0):.4f}" if best else "none within budget yet")
+        console.print(f"  [{payload['done']}/{payload['total']}] {_options(record['options'])}{rung}: {status}{fidelity}"
+                      f"{measured} | {best_text}", markup=False)
+
+
+def _options(options: dict) -> str:
+    return ", ".join(f"{name.split('.', 1)[1] if '.' in name else name}={value}" for name, value in options.items())
+
+
+def cmd_tune(args) -> int:
+    from .output import interrupts_remembered
+    from .search_space import load_search_space
+    from .tune.search import Search, run_local
+
+    space = load_search_space(args.recipe)
+    out = Path(args.out)
+    console.print(f"bertpress: tuning {args.recipe} -> {out} ({args.executor} executor, {space.tune.strategy},"
+                  f" objective {space.tune.objective} at batch {space.tune.batch} x seq {space.tune.seq})", markup=False)
+    search = Search(space, out, resume=args.resume, executor=args.executor, store=args.store, on_event=_tune_progress)
+    try:
+        with interrupts_remembered():
+            if args.executor == "ray":
+                from .tune.ray_executor import run_ray
+
+                outcome = run_ray(search, address=args.address)
+            else:
+                outcome = run_local(search)
+    except KeyboardInterrupt:
+        console.print(f"bertpress: interrupted; {search.done_count()} trials are recorded in {out / 'trials.jsonl'}."
+                      f" `bertpress tune {args.recipe} --out {out} --resume` continues without repeating them.", markup=False)
+        return 130
+    summary = outcome.summary
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary["statuses"].items()))
+    console.print(f"bertpress: {summary['considered']} of {summary['candidates']} candidates considered ({counts}),"
+                  f" {summary['compiles']} compiles ({summary['compiled_this_run']} in this run) in {summary['seconds']:.0f} s;"
+                  f" frontier in {out / 'frontier.json'} and {out / 'frontier.png'}", markup=False)
+    if outcome.exit_code:
+        console.print(f"bertpress: no candidate kept the budget ({summary['budget']['metric']} >= {summary['budget']['min']})."
+                      " Fix: relax budget.min, or search gentler options (or a longer distill).", markup=False)
+        return outcome.exit_code
+    record = summary["best"]["record"]
+    console.print(f"bertpress: best {_options(record['options'])}: {record.get('metric', 'cosine')} {record['fidelity']:.4f},"
+                  f" estimated {record.get('compiled_estimated_latency_ms')} ms, measured {record.get('measured_latency_ms')} ms,"
+                  f" {record.get('size_bytes', 0) / 1e6:.1f} MB -> {out / 'best.yaml'} and {out / 'best'}", markup=False)
     return 0
 
 
@@ -258,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the recipe's model")
     p.add_argument("--print", action="store_true", help="print the normalized recipe as JSON")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("tune", help="search a recipe's {search: ...} options for the fastest (or smallest) recipe within budget")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="folder for trials.jsonl, frontier.json/.png, best.yaml and best/")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: trials one after the other here; ray: on a Ray cluster (pip install 'bertpress[ray]')")
+    p.add_argument("--address", help="the Ray cluster to join (default: a local one started for the search)")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out, skipping finished trials")
+    p.add_argument("--store", help="pass store folder the trials share (default: the user's; a path every Ray worker sees)")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("schema", help="print the JSON Schema of recipe files (or, with --report, of report.json)")
     p.add_argument("--report", action="store_true", help="print the JSON Schema of report.json instead")
     p.set_defaults(func=cmd_schema)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import RecipeError
+from .search_space import Tune, is_searchable, refusal as searchable_refusal
 from .pass_infra import PassConfig, get_pass, load_plugins, registered_passes
 
 RECIPE_VERSION = 1
@@ -86,6 +87,9 @@ class RecipeFile(_Strict):
         description="Passes in order; each item is a one-key mapping {pass-name: {config}}.",
     )
     target: Target = Target()
+    tune: Tune | None = Field(
+        None, exclude=True, description="How `bertpress tune` searches the recipe's {search: ...} options (a recipe"
+        " with this section or any search space is tuned, not compiled).")
 
 
 class PassStep(BaseModel):
@@ -236,6 +240,8 @@ def load_recipe_text(text: str, *, file: str = "<recipe>", base_dir: Path | None
     if not isinstance(data, dict):
         raise RecipeError(f"must be a YAML mapping at the top level, got {type(data).__name__}.", file=file,
                           fix="start from one of the files in recipes/.")
+    if is_searchable(data):  # bertpress tune reads these (compiler/search_space.py); a compile needs plain values
+        raise searchable_refusal(data, file)
     try:
         recipe_file = RecipeFile.model_validate(data)
     except ValidationError as exc:
