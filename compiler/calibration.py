@@ -19,10 +19,12 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CalibrationError
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so reading text sources (bertpress validate) needs none
+    import torch
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")

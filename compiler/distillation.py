@@ -21,7 +21,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .calibration import tokenize_batches
-from .simulation import is_simulated, is_straight_through, straight_through
+from .simulation import (fake_quant_activation_uint8, fake_quant_weight_int8, is_simulated, is_straight_through,
+                         round_weight_int8, straight_through)
 from .structure import BertStructure
 from .validation import pool
 
@@ -69,20 +70,16 @@ NONDETERMINISTIC_WARNING = "does not have a deterministic implementation"
 
 
 def _straight_through_weight_int8(weight: torch.Tensor) -> torch.Tensor:
-    from passes.quantize_linear import round_weight_int8
-
     return weight + (round_weight_int8(weight) - weight).detach()
 
 
 def straight_through_of(fn):
     """The straight-through-estimator twin of a simulated op: its value forward, identity gradient back
     (see ``compiler.simulation.straight_through``)."""
-    from passes import quantize_linear as q
-
     # The weight's own twin skips fake_quant_weight_int8's cache of rounded weights, which training would only churn;
     # every other simulated op (activations, quantize-linear's table and fp16 ops, quantize-embeddings' rows, int4
     # linears' activation blocks, a plugin's) gets simulation's generic twin.
-    return _straight_through_weight_int8 if fn is q.fake_quant_weight_int8 else straight_through(fn)
+    return _straight_through_weight_int8 if fn is fake_quant_weight_int8 else straight_through(fn)
 
 
 @dataclass
@@ -106,8 +103,6 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
             if is_simulated(node):
                 node.target = straight_through_of(node.target)
     if fake_quant_linears:
-        from passes.quantize_linear import fake_quant_activation_uint8
-
         for linear in structure.linears:
             node = mapping[linear.node]
             x, weight = node.args[0], node.args[1]

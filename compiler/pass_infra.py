@@ -5,69 +5,26 @@ that rewrites a ``torch.fx.GraphModule`` and returns a :class:`PassResult`. The 
 only place that validates, rolls back, costs and reports: a pass never checks its own numerics.
 
 Built-in passes use this same API. Third-party passes register with :func:`register_pass`, through
-the ``bertpress.passes`` entry-point group, or by naming their module in a recipe's ``plugins``.
+the ``bertpress.passes`` entry-point group, or by naming their module in a recipe's ``plugins``. The
+torch-free half of the contract (``PassConfig``, declarations, the registry by name) lives in
+``compiler/pass_config.py`` and ``compiler/pass_registry.py`` so that reading a recipe needs no torch.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import PassRefused, RecipeError
+from .errors import PassRefused
+from .pass_config import PassConfig, PassDeclaration, PerLayerKeepConfig
+from .pass_registry import _REGISTRY, add_class, get_pass, load_plugins, registered_passes
 
 if TYPE_CHECKING:
     from .calibration import CalibrationData
     from .structure import BertStructure
-
-
-class PassConfig(BaseModel):
-    """Options every pass accepts; a pass's own config subclasses this."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    on_fail: Literal["stop", "skip"] = Field(
-        "stop",
-        description="What the compile does if this pass breaks its check: stop with exit code 1, or roll it back and go on.",
-    )
-
-
-class PerLayerKeepConfig(PassConfig):
-    """``keep`` (one count, or one per layer) or ``keep_fraction``: how much of each layer a pruning pass keeps.
-
-    Shared by prune-heads and prune-ffn; subclasses restate the fields' descriptions in their own unit.
-    """
-
-    keep: int | list[int] | None = Field(None, description="Units kept per layer: one number, or a list with one entry per layer.")
-    keep_fraction: float | None = Field(None, gt=0.0, le=1.0, description="Share of the units kept.")
-
-    @model_validator(mode="after")
-    def _one_target(self):
-        if (self.keep is None) == (self.keep_fraction is None):
-            raise ValueError("give exactly one of keep or keep_fraction")
-        if isinstance(self.keep, int) and self.keep < 1:
-            raise ValueError("keep must be >= 1 (a layer cannot lose all of them; remove a whole layer with layer-drop)")
-        if isinstance(self.keep, list) and (not self.keep or min(self.keep) < 1):
-            raise ValueError("keep lists one count >= 1 per layer")
-        return self
-
-    def counts(self, pass_: "Pass", sizes: list[int], unit: str) -> list[int | None]:
-        """The count ``keep`` asks for in each layer (None under keep_fraction), refused if impossible."""
-        if isinstance(self.keep, list) and len(self.keep) != len(sizes):
-            raise pass_.refuse(f"keep lists {len(self.keep)} counts but the model has {len(sizes)} layers.",
-                               fix=f"give one count per layer ({len(sizes)}) or a single number.")
-        wanted = self.keep if isinstance(self.keep, list) else [self.keep] * len(sizes)
-        for index, (count, size) in enumerate(zip(wanted, sizes)):
-            if count is not None and count > size:
-                raise pass_.refuse(f"keep asks for {count} {unit} in layer {index}, which has {size}.",
-                                   fix=f"keep at most {size} {unit} per layer.")
-        return wanted
 
 
 class InputMap:
@@ -136,6 +93,8 @@ class Pass:
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
+    # A built-in pass names its declaration (passes/options.py), which sets name, Config and the ordering below.
+    declaration: ClassVar[PassDeclaration | None] = None
     kind: ClassVar[Literal["exact", "lossy"]] = "lossy"
     # Ordering constraints, checked against the recipe before anything runs.
     must_run_before: ClassVar[tuple[str, ...]] = ()
@@ -154,6 +113,14 @@ class Pass:
     # on a later compile instead of running the pass again. The pass must then read nothing else: files
     # named in its config go into the key only through config fields whose names end in "texts".
     weights_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("declaration")
+        if declared is not None:
+            cls.name, cls.Config = declared.name, declared.Config
+            cls.must_run_before, cls.must_run_after = declared.must_run_before, declared.must_run_after
+            cls.summary = cls.summary or declared.summary
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -177,11 +144,9 @@ class Pass:
         return PassRefused(reason, field=self.name, fix=fix)
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
 # Each registered pass class's source file as it was when the class was registered (imported). The pass store keys
 # a result by the code that computed it, not by what is on disk when the pass runs, perhaps an hour of training later.
 _SOURCES: dict[type, bytes] = {}
-_BUILTINS_LOADED = False
 # What a pass may list in ``requires``: the analyses and data a PassContext hands it.
 ANALYSES = ("structure", "calibration", "reference", "tokenizer")
 
@@ -202,10 +167,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     unknown = sorted(set(cls.requires) - set(ANALYSES))
     if unknown:
         raise TypeError(f"{cls.__qualname__}.requires names unknown analyses {unknown}; available: {list(ANALYSES)}")
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise TypeError(f"pass name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
-    _REGISTRY[name] = cls
+    add_class(cls)
     try:
         _SOURCES[cls] = _read_source(cls)
     except (OSError, TypeError):  # no source file (a class made in a notebook cell): the pass store cannot key it
@@ -230,24 +192,6 @@ def registered_source(cls: type) -> bytes:
     return source if source is not None else _read_source(cls)
 
 
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
-    importlib.import_module("passes")
-    for entry in importlib.metadata.entry_points(group="bertpress.passes"):
-        try:
-            loaded = entry.load()
-        except Exception as exc:  # one broken plugin must not take every recipe down with it
-            warnings.warn(f"bertpress: skipped the pass plugin {entry.name!r} ({entry.value}) from the"
-                          f" 'bertpress.passes' entry points: {type(exc).__name__}: {exc}", stacklevel=2)
-            continue
-        # Importing the module usually registered it (@register_pass); an undecorated class is registered here.
-        if isinstance(loaded, type) and issubclass(loaded, Pass) and getattr(loaded, "name", None) not in _REGISTRY:
-            register_pass(loaded)
-
-
 def pass_function(name: str, *, kind: Literal["exact", "lossy"] = "lossy", config: type[PassConfig] = PassConfig,
                   must_run_before: tuple[str, ...] = (), must_run_after: tuple[str, ...] = (),
                   requires: tuple[str, ...] = ("structure",)) -> Callable:
@@ -265,24 +209,6 @@ def pass_function(name: str, *, kind: Literal["exact", "lossy"] = "lossy", confi
     return wrap
 
 
-def load_plugins(modules: list[str], *, file: str | None = None) -> None:
-    """Import the plugin modules a recipe names (packages without a ``bertpress.passes`` entry point)."""
-    for index, module in enumerate(modules):
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise RecipeError(
-                f"cannot import plugin module {module!r}: {exc}.",
-                file=file, field=f"plugins[{index}]",
-                fix="install the package that provides it or fix the module name.",
-            ) from None
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    _load_builtins()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_pass(name: str) -> type[Pass] | None:
-    _load_builtins()
-    return _REGISTRY.get(name)
+__all__ = ["ANALYSES", "InputMap", "Pass", "PassConfig", "PassContext", "PassDeclaration", "PassResult",
+           "PerLayerKeepConfig", "get_pass", "load_plugins", "pass_function", "register_pass", "registered_passes",
+           "registered_source", "_REGISTRY"]

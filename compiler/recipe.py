@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from .errors import RecipeError
+from .tasks import LOWER_IS_BETTER
 from .search_space import Tune, is_searchable, refusal as searchable_refusal
-from .pass_infra import PassConfig, get_pass, load_plugins, registered_passes
+from .pass_config import PassConfig
+from .pass_registry import declared_passes, get_declaration, load_plugins, summary_of
 
 RECIPE_VERSION = 1
 
@@ -54,21 +56,49 @@ class Calibration(_Strict):
 class Budget(_Strict):
     """How close to the reference the compiled model must stay, checked after lossy passes and lowering."""
 
-    metric: Literal["cosine"] = Field(
-        "cosine", description="Mean cosine similarity of the pooled sentence embedding to the reference's.",
+    metric: Literal["cosine", "agreement", "accuracy", "f1", "spearman", "logits_mse"] = Field(
+        "cosine",
+        description="cosine: mean cosine of the pooled sentence embedding to the reference's (a task model: of its"
+        " logits). Task models (see `task`) also take: agreement (share of held-out texts, or tokens, whose top label"
+        " matches the reference's), accuracy and f1 (macro; against the labels of a labeled .jsonl held-out text),"
+        " spearman (rank correlation of a num_labels-1 regression or reranker score with the reference's) and"
+        " logits_mse (mean squared logit error, bounded by `max`).",
     )
-    min: float = Field(0.98, gt=0.0, le=1.0, description="Lowest acceptable mean cosine on held-out text.")
+    min: float = Field(0.98, gt=0.0, le=1.0, description="Lowest acceptable value of the metric on held-out text.")
+    max: float | None = Field(None, gt=0.0, description="logits_mse only: the highest acceptable mean squared error.")
+
+    @model_validator(mode="after")
+    def _bound_fits_metric(self):
+        lower_is_better = self.metric in LOWER_IS_BETTER
+        if lower_is_better and self.max is None:
+            raise ValueError(f"metric {self.metric} is bounded from above: give budget.max (e.g. max: 0.01)")
+        if lower_is_better and "min" in self.model_fields_set and self.min != Budget.model_fields["min"].default:
+            raise ValueError(f"metric {self.metric} is bounded by max, not min: remove budget.min")
+        if not lower_is_better and self.max is not None:
+            raise ValueError(f"budget.max only bounds {', '.join(LOWER_IS_BETTER)}; metric {self.metric} uses min")
+        return self
+
+    def passed(self, value: float) -> bool:
+        return value <= self.max if self.metric in LOWER_IS_BETTER else value >= self.min
+
+    def describe(self, value: float) -> str:
+        """'held-out agreement 0.9700 < 0.99': the measured value against the bound it broke or kept."""
+        bound = f"{'<=' if self.passed(value) else '>'} {self.max}" if self.metric in LOWER_IS_BETTER else \
+            f"{'>=' if self.passed(value) else '<'} {self.min}"
+        return f"held-out {'mean ' if self.metric == 'cosine' else ''}{self.metric} {value:.4f} {bound}"
 
 
 class CostPoint(_Strict):
     """The input shape the cost model estimates FLOPs and latency at."""
 
-    batch: int = Field(32, ge=1, le=4096)
-    seq: int = Field(128, ge=1, le=8192)
+    batch: int = Field(32, ge=1, le=4096, description="Sequences per batch the cost model estimates at.")
+    seq: int = Field(128, ge=1, le=8192, description="Tokens per sequence the cost model estimates at.")
 
 
 class Target(_Strict):
-    runtime: Literal["onnxruntime"] = "onnxruntime"
+    """The runtime the model is lowered for and checked on."""
+
+    runtime: Literal["onnxruntime"] = Field("onnxruntime", description="The only runtime: ONNX Runtime on the CPU.")
     threads: int = Field(2, ge=1, le=256, description="Intra-op threads of the ONNX Runtime session.")
     fusions: bool = Field(True, description="Apply ONNX Runtime transformer fusions (attention, layer norm, gelu).")
 
@@ -78,6 +108,12 @@ class RecipeFile(_Strict):
 
     version: Literal[1] = Field(1, description="Recipe format version.")
     model: str = Field("builtin:minilm-l6", description="A local Hugging Face folder or builtin:minilm-l6.")
+    task: Literal["feature-extraction", "sequence-classification", "token-classification", "question-answering"] | None = Field(
+        None,
+        description="The head to compile with the encoder; by default the one config.json's architectures names"
+        " (BertForSequenceClassification: sequence-classification, BertModel: feature-extraction). feature-extraction"
+        " on a task checkpoint compiles its encoder alone.",
+    )
     calibration: Calibration = Calibration()
     budget: Budget = Budget()
     cost: CostPoint = CostPoint()
@@ -161,7 +197,7 @@ def _validation_error(exc: ValidationError, model: type[BaseModel], file: str, p
 
 def parse_step(item: Any, index: int, file: str) -> PassStep:
     field = f"passes[{index}]"
-    names = sorted(registered_passes())
+    names = sorted(declared_passes())
     if isinstance(item, str):
         item = {item: {}}
     if not isinstance(item, dict) or len(item) != 1:
@@ -170,7 +206,7 @@ def parse_step(item: Any, index: int, file: str) -> PassStep:
             file=file, field=field, fix=f"write the pass name as the key; valid names: {', '.join(names)}.",
         )
     (name, options), = item.items()
-    cls = get_pass(str(name))
+    cls = get_declaration(str(name))
     if cls is None:
         raise RecipeError(
             f"unknown pass {name!r}.{_suggest(str(name), names)}",
@@ -192,18 +228,19 @@ def _check_order(steps: list[PassStep], file: str) -> None:
 
     A constraint only applies when both passes are in the recipe ("quantize after pruning, if you prune").
     """
+    present = sorted({step.name for step in steps})
+    edges = []  # (a, b, by): a must run before b, as pass "by" declared
+    for name in present:
+        cls = get_declaration(name)
+        edges += [(name, later, name) for later in cls.must_run_before if later in present and later != name]
+        edges += [(earlier, name, name) for earlier in cls.must_run_after if earlier in present and earlier != name]
+    if not edges:
+        return
     import networkx as nx
 
-    present = sorted({step.name for step in steps})
-    before = nx.DiGraph()  # edge a -> b: a must run before b; "by" is the pass that declared it
-    for name in present:
-        cls = get_pass(name)
-        for later in cls.must_run_before:
-            if later in present and later != name:
-                before.add_edge(name, later, by=name)
-        for earlier in cls.must_run_after:
-            if earlier in present and earlier != name:
-                before.add_edge(earlier, name, by=name)
+    before = nx.DiGraph()
+    for a, b, by in edges:
+        before.add_edge(a, b, by=by)
     try:
         cycle = nx.find_cycle(before)
     except nx.NetworkXNoCycle:
@@ -267,10 +304,10 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of recipe files, with each pass's typed config, for editors and CI."""
     steps = []
-    for name, cls in registered_passes().items():
+    for name, declared in declared_passes().items():
         step = create_model(
             f"Step_{name.replace('-', '_')}", __config__=ConfigDict(extra="forbid"),
-            **{name: (cls.Config, Field(..., description=(cls.__doc__ or "").strip().splitlines()[0]))},
+            **{name: (declared.Config, Field(..., description=summary_of(declared)))},
         )
         steps.append(step)
     union = Union[tuple(steps)] if steps else dict  # noqa: UP007

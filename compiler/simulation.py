@@ -9,8 +9,10 @@ gradient back), so a pass's simulated op needs nothing more to be trained throug
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
+import torch
 from torch.fx import GraphModule
 
 _SIMULATED: set[Callable] = set()
@@ -61,3 +63,67 @@ def strip_simulation(gm: GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return removed
+
+
+# The numerics of ONNX Runtime's int8 kernels, simulated: quantize-linear inserts them, distill trains through them.
+
+# Fake-quantized weights by id(weight): validation runs the same weights over every held-out batch,
+# so each is rounded once, until the weight changes (its version counter moves, e.g. a distill step)
+# or dies (the weakref callback drops the entry, so a reused id never hits).
+_ROUNDED_WEIGHTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def round_weight_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The rounding of fake_quant_weight_int8 without its cache (training changes the weights at every step,
+    and the cache's id/version lookups would stop torch.compile from capturing the training graph)."""
+    with torch.no_grad():
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+
+
+@simulated_op
+def fake_quant_weight_int8(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per output channel, as ONNX Runtime's per-channel weight quantization.
+
+    No gradient flows through it (round has none; distill's straight-through estimator adds its own).
+    """
+    key = id(weight)
+    hit = _ROUNDED_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    rounded = round_weight_int8(weight)
+    if type(rounded) is torch.Tensor:  # not under FakeTensorMode (the cost model's shape pass)
+        _ROUNDED_WEIGHTS[key] = (weakref.ref(weight, lambda _, key=key: _ROUNDED_WEIGHTS.pop(key, None)),
+                                 weight._version, rounded)
+    return rounded
+
+
+@simulated_op
+def fake_quant_table_int8(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 over the whole table, as ONNX Runtime quantizes a Gather's data."""
+    scale = weight.abs().max().clamp(min=1e-12) / 127.0
+    return torch.clamp(torch.round(weight / scale), -127, 127) * scale
+
+
+@simulated_op
+def fake_quant_activation_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic asymmetric uint8 per tensor, as ONNX Runtime's DynamicQuantizeLinear computes at run time."""
+    low = torch.clamp(x.min(), max=0.0)
+    high = torch.clamp(x.max(), min=0.0)
+    scale = torch.clamp((high - low) / 255.0, min=1e-12)
+    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+    return (torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+
+
+@simulated_op
+def fake_quant_activation_blocks_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric int8 per block of ``block`` features of each row, as MatMulNBits (accuracy level 4) quantizes A."""
+    shape = x.shape
+    blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
+    return (torch.clamp(torch.round(blocks / scale), -127, 127) * scale).reshape(shape)
+
+
+@simulated_op
+def fake_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)

@@ -22,7 +22,13 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.p
              aten._unsafe_view.default, aten.contiguous.default}
 _ADDS = {aten.add.Tensor}
 _NORMS = {aten.layer_norm.default}
+# Marks the attention-mask nodes of layers that attend within one segment (decouple-attention adds them), so the
+# split lowering finds the decoupled layers in the graph after later passes renumbered or dropped layers.
+SEGMENT_MASK = "bertpress.segment_mask"
 _ACTS = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default}
+# Ops an activation written out element by element is made of (ALBERT's gelu_new: 0.5 x (1 + tanh(...))).
+_ELEMENTWISE = _ACTS | {aten.mul.Tensor, aten.add.Tensor, aten.pow.Tensor_Scalar, aten.div.Tensor, aten.erf.default,
+                        aten.sigmoid.default, aten.mul.Scalar, aten.add.Scalar}
 
 
 def module_path(node: Node) -> str:
@@ -74,9 +80,10 @@ class Attention:
 @dataclass
 class FeedForward:
     up: Linear
-    act: Node
+    act: Node  # the activation's output, which the down projection reads
     down: Linear
     intermediate: int
+    activation: list[Node] = field(default_factory=list)  # every op of the activation (one, or an element-wise chain)
 
 
 @dataclass
@@ -100,6 +107,8 @@ class Embeddings:
     norm: Node | None
     output: Node
     module: str
+    # ALBERT's (and small ELECTRAs') factorized embeddings: an E -> hidden linear after the norm.
+    projection: Linear | None = None
 
 
 @dataclass
@@ -118,7 +127,17 @@ class BertStructure:
             found += [a.query, a.key, a.value, a.output, layer.ffn.up, layer.ffn.down]
         if self.pooler is not None:
             found.append(self.pooler)
+        if self.embeddings.projection is not None:
+            found.append(self.embeddings.projection)
         return found
+
+    def tied_layers(self) -> list[list[int]]:
+        """Layers grouped by the weights they read: one group per weight set, several layers in a group when they
+        repeat one shared layer (ALBERT's repetitions, or share-layers' groups). In layer order."""
+        groups: dict[str, list[int]] = {}
+        for layer in self.layers:
+            groups.setdefault(layer.attention.query.weight, []).append(layer.index)
+        return list(groups.values())
 
     def summary(self) -> dict:
         return {
@@ -129,6 +148,7 @@ class BertStructure:
                 for layer in self.layers
             ],
             "pooler": self.pooler is not None,
+            **({"shared_layers": self.tied_layers()} if len(self.tied_layers()) < len(self.layers) else {}),
         }
 
 
@@ -291,7 +311,8 @@ def analyze(gm: GraphModule) -> BertStructure:
             raise UnsupportedModelError(f"no feed-forward input linear after layer norm {attention_norm.name}.",
                                         field="model", fix="bertpress supports BERT-style feed-forward blocks.")
         up = ups[0]
-        acts = _users(up.node, _ACTS)
+        activation = _activation(up.node)
+        acts = activation[-1:]
         downs = [_linear(u) for u in _forward_simulated(acts[0])] if len(acts) == 1 else []
         downs = [d for d in downs if d is not None]
         after_ffn = _residual_norm(downs[0].node) if len(downs) == 1 else None
@@ -302,7 +323,7 @@ def analyze(gm: GraphModule) -> BertStructure:
             )
         module = _common_prefix([attention.module, up.module, downs[0].module])
         layers.append(Layer(index, layer_input, after_ffn[1], attention, attention_norm,
-                            FeedForward(up, acts[0], downs[0], int(_attr(gm, up.weight).shape[0])),
+                            FeedForward(up, acts[0], downs[0], int(_attr(gm, up.weight).shape[0]), activation),
                             after_ffn[1], module))
     for previous, layer in zip(layers, layers[1:]):
         if _skip_back(layer.input, _PASSTHROUGH) is not previous.output:
@@ -324,6 +345,28 @@ def analyze(gm: GraphModule) -> BertStructure:
     return structure
 
 
+def _activation(up: Node) -> list[Node]:
+    """The ops between a feed-forward's two linears, last the one the down projection reads: a single activation
+    op, or an element-wise chain computed from the up projection alone (gelu_new, written out). [] if neither."""
+    acts = _users(up, _ACTS)
+    if len(acts) == 1:
+        return acts
+    inside, chain = {up}, []
+    node = up.next
+    for _ in range(24):  # a written-out activation is a handful of ops; simulated ops may sit between them
+        if node.op == "call_function" and node.target in _ELEMENTWISE and node.all_input_nodes \
+                and all(arg in inside for arg in node.all_input_nodes):
+            inside.add(node)
+            chain.append(node)
+        node = node.next
+        if node.op == "output":
+            break
+    leaving = [n for n in chain if any(u not in inside for u in n.users)]
+    if len(leaving) != 1 or any(u not in inside for u in up.users):
+        return []
+    return chain[:chain.index(leaving[0]) + 1] if chain[-1] is not leaving[0] else chain
+
+
 def _embeddings(graph, placeholders, first_input: Node) -> Embeddings:
     lookups = [n for n in graph.nodes if n.op == "call_function" and n.target == aten.embedding.default]
     word = next((n for n in lookups if n.args[1] is placeholders.get("input_ids")), None)
@@ -333,8 +376,12 @@ def _embeddings(graph, placeholders, first_input: Node) -> Embeddings:
     token_type = next((n for n in lookups if n.args[1] is placeholders.get("token_type_ids")), None)
     position = next((n for n in lookups if n is not word and n is not token_type), None)
     output = _skip_back(first_input, _PASSTHROUGH)
+    projection = _linear(output)
+    if projection is not None:  # factorized embeddings: the norm is on the E-wide sum, before the projection
+        output = _skip_back(projection.input, _PASSTHROUGH)
     norm = output if output.op == "call_function" and output.target in _NORMS else None
-    return Embeddings(word, word.args[0].target, position, token_type, norm, first_input, module_path(word).rsplit(".", 1)[0])
+    return Embeddings(word, word.args[0].target, position, token_type, norm, first_input,
+                      module_path(word).rsplit(".", 1)[0], projection)
 
 
 # Components of the seed's breakdown of BERT cost.
@@ -357,6 +404,8 @@ def classify_nodes(gm: GraphModule, structure: BertStructure) -> dict[Node, str]
         component[a.output.node] = "linear-after-attention"
         component[layer.ffn.up.node] = "feed-forward"
         component[layer.ffn.act] = "feed-forward"
+        for node in layer.ffn.activation:
+            component[node] = "feed-forward"
         component[layer.ffn.down.node] = "feed-forward"
     for lin in structure.linears:
         if lin.inner is not None and lin.node in component:

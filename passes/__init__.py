@@ -1,4 +1,5 @@
-"""Built-in bertpress passes, one module each; importing this package registers them."""
+"""Built-in bertpress passes, one module each.
 
-from . import (decouple_attention, distill, layer_drop, low_rank, prune_ffn, prune_heads, prune_vocab,  # noqa: F401
-               prune_weights, quantize_embeddings, quantize_linear, share_layers)
+``passes/options.py`` declares them (options and ordering, torch-free); a pass's module is imported the first time
+a compile runs it (``compiler.pass_registry.get_pass``).
+"""

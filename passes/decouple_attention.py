@@ -33,53 +33,23 @@ from __future__ import annotations
 import random
 
 import torch
-from pydantic import Field, field_validator
 from torch.fx import GraphModule, Node
 
 from compiler.calibration import load_texts, tokenize_batches
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from compiler.structure import SEGMENT_MASK
 from compiler.validation import compare, hidden_states, run_batches
+from passes.options import DECOUPLE_ATTENTION
 
 aten = torch.ops.aten
-# Marks the nodes this pass adds, so the split lowering finds the decoupled layers in the graph
-# (after later passes renumbered or dropped layers) instead of trusting a layer count.
-SEGMENT_MASK = "bertpress.segment_mask"
-
-
-class DecoupleAttentionConfig(PassConfig):
-    layers: int | list[int] = Field(
-        ..., description="How many of the lowest layers attend only within their segment (k), or their explicit"
-        " indices, which must be 0..k-1 (only a lowest block can be cached and split off).")
-    second_segment_position: int = Field(
-        0, ge=0, le=4096, description="Position id of the first token of every segment after the first one in the"
-        " decoupled layers (0 = restart at 0). Any constant keeps cached segment states independent of the first"
-        " segment's length.")
-    pair_texts: str = Field("builtin:wordnet-pairs", description="Two-segment corpus the pair fidelity in the"
-                            " report is measured on (builtin:wordnet-pairs, builtin:python-docs-pairs).")
-    pair_samples: int = Field(64, ge=0, le=10_000, description="How many pairs to measure (0: skip the measurement).")
-    pair_max_length: int = Field(128, ge=8, le=512, description="Tokens per pair (longer pairs are truncated).")
-
-    @field_validator("layers")
-    @classmethod
-    def _lowest_block(cls, value):
-        if isinstance(value, list) and sorted(value) != list(range(len(value))):
-            raise ValueError(f"decoupled layers must be the lowest ones, 0..k-1 without gaps; got {value}")
-        if isinstance(value, int) and value < 0:
-            raise ValueError("layers is a count >= 0")
-        return value
-
-    @property
-    def count(self) -> int:
-        return self.layers if isinstance(self.layers, int) else len(self.layers)
 
 
 @register_pass
 class DecoupleAttention(Pass):
     """Restrict the lower layers' attention to each segment and restart positions per segment."""
 
-    name = "decouple-attention"
+    declaration = DECOUPLE_ATTENTION
     judged_by_cost = False  # the speedup is in the cached split form (lower.onnx + upper.onnx)
-    Config = DecoupleAttentionConfig
     kind = "lossy"
     requires = ("structure", "reference", "tokenizer")
     summary = "DeFormer: lower layers attend within a segment; cacheable split lowering"

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compiler import distillation as kd
 from compiler.calibration import load_texts, tokenize_batches
@@ -38,96 +36,10 @@ from compiler.frontend import example_inputs, trace
 from compiler.errors import PassRefused
 from compiler.graph_edit import get_tensor, set_parameter
 from compiler.model_inputs import feed
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.structure import analyze
 from compiler.validation import hidden_states, pool
-
-
-class LossWeights(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    output: float = Field(1.0, ge=0.0, description="Weight of the pooled-embedding loss (see output_loss).")
-    hidden: float = Field(1.0, ge=0.0, description="Weight of the per-layer hidden-state MSE (layer outputs, mapped by layer_map).")
-    attention: float = Field(1.0, ge=0.0, description="Weight of the attention-distribution KL (teacher || student), mapped by layer_map.")
-    similarity: float = Field(0.0, ge=0.0, description="Weight of the in-batch similarity loss: MSE between the teacher's and the"
-                              " student's matrices of pairwise cosines of the pooled embeddings (relational KD, Park et al."
-                              " 2019). It trains what nearest-neighbour search reads: which texts are close to which. On MiniLM it"
-                              " did not pay: weight 1 is neutral, 5 and 20 lower the held-out cosine on every sample (bench/LOSSES.md).")
-
-    @model_validator(mode="after")
-    def _something_to_learn(self):
-        if not any(self.model_dump().values()):
-            raise ValueError("every loss weight is 0, so distillation has nothing to train on; give at least one of"
-                             f" {', '.join(type(self).model_fields)} a weight above 0")
-        return self
-
-
-class DistillConfig(PassConfig):
-    steps: int = Field(300, ge=1, le=1_000_000, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, le=1024, description="Texts per step.")
-    max_length: int = Field(64, ge=8, le=4096, description="Tokens per training text (longer ones are truncated).")
-    lr: float = Field(5e-4, gt=0.0, le=1.0, description="Peak learning rate of AdamW.")
-    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup (to 0 for linear/cosine).")
-    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of steps with linear warmup from 0 to lr.")
-    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay on weight matrices (not biases or norms).")
-    clip: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
-    seed: int | None = Field(None, ge=0, description="Seed of text sampling and shuffling (default: the calibration seed).")
-    train: Literal["all", "no-embeddings"] = Field("all", description="Which parameters train; no-embeddings freezes the lookup tables and their layer norm.")
-    losses: LossWeights = Field(LossWeights(), description="Weights of the output, hidden-state, attention and similarity losses.")
-    output_loss: Literal["cosine", "mse"] = Field("cosine", description="Pooled-embedding loss: 1 - cosine, or MSE.")
-    pooling: Literal["mean", "cls"] = Field("mean", description="How the sentence embedding is pooled (match the model's sentence-transformers config).")
-    layer_map: Literal["uniform", "kept"] | list[int] = Field(
-        "uniform",
-        description="Teacher layer each student layer is compared with: 'uniform' (student j -> teacher floor((j+1)T/S)-1),"
-        " 'kept' (the layer it was kept from when blocks were dropped) or explicit teacher indices, one per student layer.",
-    )
-    texts: str | list[str] | None = Field(
-        None, description="Training text sources (each as calibration.texts: builtin, builtin:wordnet, a .txt/.jsonl file or"
-        " folder; a list mixes them); default: the calibration texts. Held-out validation texts are always removed.")
-    samples: int = Field(20_000, ge=8, le=10_000_000, description="How many texts to sample (seeded) from `texts`. When it"
-                         " lists several sources and no `weights`, each gives up to samples / (number of sources) texts,"
-                         " all of a smaller one (the report's source_texts says how many each gave).")
-    weights: list[float] | None = Field(
-        None, description="One weight per source in `texts` (a list): the share of the `samples` texts each gives, so"
-        " source i gives round(samples * weights[i] / sum(weights)) texts; a source with fewer distinct texts than that"
-        " repeats them (whole copies, then a seeded sample), so a small corpus can carry a large share of the training.")
-    pack: bool = Field(False, description="Join consecutive short texts into sequences of about max_length tokens.")
-    bucket: bool = Field(False, description="Batch texts of similar length together, so batches carry little padding"
-                         " (1.7x more steps per hour on WordNet glosses, bench/distill_throughput.py; same texts per epoch). Excludes pack.")
-    qat: bool = Field(False, description="Train with int8-simulated linears (straight-through), for a quantize-linear that comes after distill.")
-    monitor_every: int = Field(50, ge=1, description="Steps between fidelity measurements on a monitor slice of the training texts.")
-    compile: bool = Field(False, description="Run the student's and the teacher's forward and backward through torch.compile"
-                          " (Inductor, dynamic shapes; needs a C++ compiler): about 1.3x more steps per hour on a long run"
-                          " (bench/distill_throughput.py --compare compile), after a compile of about a minute at the first steps.")
-
-    @model_validator(mode="after")
-    def _pack_or_bucket(self):
-        if self.pack and self.bucket:
-            raise ValueError("pack and bucket exclude each other: packed sequences all have about max_length tokens;"
-                             " set one of them to false")
-        return self
-
-    @model_validator(mode="after")
-    def _weights_match_texts(self):
-        if self.weights is None:
-            return self
-        if not isinstance(self.texts, list):
-            raise ValueError("weights needs texts to be a list of sources (one weight per source); give texts as a list"
-                             " or remove weights")
-        if len(self.weights) != len(self.texts):
-            raise ValueError(f"weights has {len(self.weights)} entries but texts lists {len(self.texts)} sources; give"
-                             " one weight per source, in the same order")
-        if any(not 0 < w < float("inf") for w in self.weights):  # also refuses nan
-            raise ValueError("every weight must be a finite number above 0 (leave a source out of texts instead of"
-                             " weighting it 0)")
-        return self
-
-    @field_validator("layer_map")
-    @classmethod
-    def _indices(cls, value):
-        if isinstance(value, list) and any(i < 0 for i in value):
-            raise ValueError("teacher layer indices are >= 0")
-        return value
+from passes.options import DISTILL
 
 
 MONITOR_TEXTS = 64
@@ -158,8 +70,7 @@ def _compiled(probe: torch.fx.GraphModule):
 class Distill(Pass):
     """Train the compressed graph to match the uncompressed reference (knowledge distillation)."""
 
-    name = "distill"
-    Config = DistillConfig
+    declaration = DISTILL
     kind = "lossy"
     heals = True
     weights_only = True  # a compile that reads the same graph, texts and config replays the stored result

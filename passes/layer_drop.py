@@ -10,39 +10,19 @@ output, then its nodes and weights are deleted, so parameters, bytes and FLOPs r
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
 
 from compiler.graph_edit import remove_dead_code
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
-
-
-class LayerDropConfig(PassConfig):
-    layers: list[int] | None = Field(None, min_length=1, description="Indices of the blocks to remove (0 = lowest).")
-    keep_every: int | None = Field(None, ge=2, description="Keep every k-th block counted from the top (2 keeps 1, 3, 5 of 0-5).")
-    top: int | None = Field(None, ge=1, description="Remove the n topmost blocks.")
-    count: int | None = Field(None, ge=1, description="Remove the n blocks whose removal costs least fidelity on calibration text (greedy).")
-
-    @model_validator(mode="after")
-    def _one_strategy(self):
-        chosen = [name for name in ("layers", "keep_every", "top", "count") if getattr(self, name) is not None]
-        if len(chosen) != 1:
-            raise ValueError("give exactly one of layers, keep_every, top or count")
-        if self.layers is not None:
-            if any(i < 0 for i in self.layers):
-                raise ValueError("layer indices are >= 0")
-            if len(set(self.layers)) != len(self.layers):
-                raise ValueError("layer indices must be unique")
-        return self
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from passes.options import LAYER_DROP
 
 
 @register_pass
 class LayerDrop(Pass):
     """Remove whole transformer blocks and their weights."""
 
-    name = "layer-drop"
-    Config = LayerDropConfig
+    declaration = LAYER_DROP
     kind = "lossy"
 
     def dropped(self, count: int) -> list[int]:

@@ -11,38 +11,16 @@ slice whole rows and columns of unfactorized weights).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 
 from compiler.graph_edit import get_tensor, remove_dead_code, set_parameter
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.simulation import is_simulated
 from compiler.structure import Linear
+from passes.options import LOW_RANK, LowRankConfig
 
 aten = torch.ops.aten
 TARGETS = ("ffn", "attention", "all", "embeddings")
-
-
-class LowRankConfig(PassConfig):
-    rank: int | None = Field(None, ge=1, description="Rank kept in every targeted weight.")
-    rank_fraction: float | None = Field(None, gt=0.0, le=1.0, description="Rank kept as a share of min(m, n).")
-    energy: float | None = Field(None, gt=0.0, le=1.0,
-                                 description="Smallest rank keeping this share of the squared singular values.")
-    target: Literal["ffn", "attention", "all", "embeddings"] | list[str] = Field(
-        "ffn", description="ffn, attention (q/k/v/output), all linears, embeddings (ALBERT word-table factorization),"
-        " or an explicit list of weight names (get_attr targets, e.g. encoder.layer.0.output.dense.weight).")
-    force: bool = Field(False, description="Apply a rank at or above the break-even r*(m+n) >= m*n anyway.")
-    reason: str | None = Field(None, description="Why force is needed (required with force: true).")
-
-    @model_validator(mode="after")
-    def _one_rank(self):
-        if sum(x is not None for x in (self.rank, self.rank_fraction, self.energy)) != 1:
-            raise ValueError("give exactly one of rank, rank_fraction or energy")
-        if self.force and not (self.reason or "").strip():
-            raise ValueError("force: true needs a reason (it makes the layer larger and slower than before)")
-        return self
 
 
 def factorize(weight: torch.Tensor, cfg: LowRankConfig) -> tuple[int, torch.Tensor, torch.Tensor, float]:
@@ -65,11 +43,8 @@ def factorize(weight: torch.Tensor, cfg: LowRankConfig) -> tuple[int, torch.Tens
 class LowRank(Pass):
     """Factorize linear weights (or the word embeddings) by truncated SVD."""
 
-    name = "low-rank"
-    Config = LowRankConfig
+    declaration = LOW_RANK
     kind = "lossy"
-    must_run_before = ("quantize-linear", "share-layers")
-    must_run_after = ("prune-heads", "prune-ffn")
 
     def is_exact(self) -> bool:
         return self.config.rank_fraction == 1.0 or self.config.energy == 1.0 or super().is_exact()

@@ -14,42 +14,20 @@ down projection by least squares on calibration activations.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
 from compiler import importance as imp
 from compiler.graph_edit import get_tensor, set_parameter, slice_parameter
-from compiler.pass_infra import Pass, PassContext, PassResult, PerLayerKeepConfig, register_pass
-
-
-class PruneFfnConfig(PerLayerKeepConfig):
-    keep: int | list[int] | None = Field(
-        None, description="Neurons kept per layer: one number for every layer, or a list with one entry per layer.")
-    keep_fraction: float | None = Field(None, gt=0.0, le=1.0, description="Share of each layer's neurons kept.")
-    importance: Literal["l1", "activation"] = Field(
-        "activation", description="l1: up-row + down-column weight norm; activation: mean |activation| on"
-        " calibration text times the down column's norm.")
-    compensate_bias: bool = Field(
-        False, description="Fold each removed neuron's mean calibration output into the down projection's bias"
-        " (with activation importance it raised MiniLM's held-out cosine at 1024 neurons, 0.812 -> 0.824;"
-        " with l1 importance it lowered it).")
-    reconstruct: bool = Field(
-        False, description="Refit the down projection (weights and bias) by least squares on calibration activations so"
-        " the kept neurons reproduce the full layer's output as closely as they can (replaces compensate_bias). On"
-        " MiniLM at 1024 neurons: held-out cosine 0.918 -> 0.963 on unseen Python-docs text, 0.824 -> 0.841 on WordNet.")
-    calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from passes.options import PRUNE_FFN
 
 
 @register_pass
 class PruneFfn(Pass):
     """Remove feed-forward neurons (up rows and down columns) by importance."""
 
-    name = "prune-ffn"
-    Config = PruneFfnConfig
+    declaration = PRUNE_FFN
     kind = "lossy"
-    must_run_before = ("low-rank", "share-layers")
     requires = ("structure", "calibration")
 
     def is_exact(self) -> bool:

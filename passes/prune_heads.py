@@ -13,34 +13,12 @@ output projection's bias. Measured on MiniLM it did not help on held-out text of
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
 from compiler import importance as imp
 from compiler.graph_edit import get_tensor, set_parameter, slice_parameter
-from compiler.pass_infra import Pass, PassContext, PassResult, PerLayerKeepConfig, register_pass
-
-
-class PruneHeadsConfig(PerLayerKeepConfig):
-    keep: int | list[int] | None = Field(
-        None, description="Heads kept per layer: one number for every layer, or a list with one entry per layer.")
-    keep_fraction: float | None = Field(
-        None, gt=0.0, le=1.0, description="Share of all heads kept, ranked globally across layers (with min_per_layer).")
-    min_per_layer: int = Field(1, ge=1, description="Floor of heads kept in any layer when keep_fraction ranks globally.")
-    importance: Literal["l1", "gradient", "entropy"] = Field(
-        "gradient", description="l1: weight norm; gradient: fidelity-loss sensitivity to a head mask (Michel et al."
-        " 2019) on calibration text; entropy: attention entropy on calibration text (diffuse heads go first).")
-    compensate_bias: bool = Field(
-        False, description="Fold each removed head's mean calibration output into the output projection's bias"
-        " (off by default: on MiniLM it lowered held-out WordNet cosine, 0.8725 -> 0.8596 at 8 heads).")
-    reconstruct: bool = Field(
-        False, description="Refit the attention output projection (weights and bias) by least squares on calibration"
-        " activations so the kept heads reproduce the full layer's output as closely as they can. It fits the"
-        " calibration domain: on MiniLM at 8 heads it raised held-out cosine on unseen Python-docs text (0.856 ->"
-        " 0.889) but lowered it on WordNet glosses (0.879 -> 0.609); use it only with in-domain calibration text.")
-    calibration_batches: int = Field(4, ge=1, le=64, description="Calibration batches used for scores and compensation.")
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from passes.options import PRUNE_HEADS, PruneHeadsConfig
 
 
 def choose_heads(scores: list[torch.Tensor], cfg: PruneHeadsConfig) -> list[list[int]]:
@@ -63,10 +41,8 @@ def choose_heads(scores: list[torch.Tensor], cfg: PruneHeadsConfig) -> list[list
 class PruneHeads(Pass):
     """Remove whole attention heads (q/k/v rows and output columns) by importance."""
 
-    name = "prune-heads"
-    Config = PruneHeadsConfig
+    declaration = PRUNE_HEADS
     kind = "lossy"
-    must_run_before = ("low-rank", "share-layers")
     requires = ("structure", "calibration", "reference")
 
     def is_exact(self) -> bool:

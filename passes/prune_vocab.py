@@ -27,38 +27,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
 from compiler.calibration import load_texts
 from compiler.graph_edit import get_tensor, remove_dead_code, set_parameter
-from compiler.pass_infra import InputMap, Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import InputMap, Pass, PassContext, PassResult, register_pass
+from passes.options import PRUNE_VOCAB
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-
-
-class PruneVocabConfig(PassConfig):
-    texts: str | list[str] | None = Field(
-        None, description="Domain corpus whose tokens are kept: builtin, builtin:wordnet, a .txt/.jsonl file or folder"
-        " (relative to the recipe), or a list of such sources (all their texts, pooled). Default: the recipe's"
-        " calibration texts. Held-out validation texts are always left out.")
-    samples: int | None = Field(None, ge=1, description="Use at most this many texts of the corpus (seeded sample); default all.")
-    min_count: int = Field(1, ge=1, description="Keep a corpus token only if it occurs at least this often.")
-    keep_top: int = Field(0, ge=0, description="Also keep the N tokens most frequent in frequency_texts (common words the"
-                          " domain corpus happened to miss). MiniLM, 1,600 Python-docs texts, 200 held out: 2,297 tokens"
-                          " and held-out cosine 0.970 alone; 4,322 / 0.987 with keep_top 3000; 8,714 / 0.991 with 8000.")
-    frequency_texts: str = Field("builtin:wordnet", description="General corpus that ranks tokens for keep_top.")
-    keep_characters: bool = Field(
-        False, description="Also keep every single-character token and its '##' continuation, so an unseen word is"
-        " spelled out in pieces instead of becoming [UNK] (on MiniLM + Python docs it added 1,893 rows and did not"
-        " raise held-out cosine: 0.9696 -> 0.9695).")
-    keep_latin: bool = Field(
-        False, description="Also keep every token written in the Latin alphabet, digits and punctuation (code points"
-        " below U+0250), so only other scripts and the [unusedN] placeholders are dropped: English pieces the corpus"
-        " happened to miss stay. On MiniLM that is 27,734 of 30,522 rows. What more rows buy a distilled student:"
-        " on the 28800-step minilm-fast-r256, every row instead of the 22,193 its corpora use twice raised held-out"
-        " cosine on Python docs from 0.9307 to 0.9367 and on everyday-life fortunes from 0.9124 to 0.9160, at 9.0x"
-        " smaller instead of 10.2x (bench/ROWS-28800.md); at 3000 steps the Latin rows added 0.0008 and 0.0037"
-        " (bench/LATIN-3000.md).")
 
 
 def _latin(token: str) -> bool:
@@ -93,11 +68,9 @@ class TokenIdMap(InputMap):
 class PruneVocab(Pass):
     """Keep only the vocabulary a domain corpus uses; renumber ids and rewrite the tokenizer."""
 
-    name = "prune-vocab"
-    Config = PruneVocabConfig
+    declaration = PRUNE_VOCAB
     kind = "exact"
     requires = ("structure", "calibration", "tokenizer")
-    must_run_after = ("layer-drop", "prune-heads", "prune-ffn", "distill")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config

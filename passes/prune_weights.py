@@ -11,31 +11,19 @@ structure; runs after the passes that reshape or refactor weights.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
 from compiler.graph_edit import get_tensor, set_parameter
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
-
-
-class PruneWeightsConfig(PassConfig):
-    sparsity: float = Field(..., ge=0.0, lt=1.0, description="Share of the targeted weights set to zero.")
-    scope: Literal["global", "per_weight"] = Field(
-        "global", description="global: one magnitude threshold across all targeted weights; per_weight: each weight"
-        " matrix reaches the sparsity on its own.")
-    target: Literal["ffn", "attention", "all"] = Field("all", description="Which linears: FFN, attention, or all (incl. pooler).")
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from passes.options import PRUNE_WEIGHTS
 
 
 @register_pass
 class PruneWeights(Pass):
     """Zero the smallest-magnitude linear weights (stored sparse; FLOPs unchanged)."""
 
-    name = "prune-weights"
-    Config = PruneWeightsConfig
+    declaration = PRUNE_WEIGHTS
     kind = "lossy"
-    must_run_after = ("prune-heads", "prune-ffn", "low-rank", "share-layers")
 
     def is_exact(self) -> bool:
         return self.config.sparsity == 0.0

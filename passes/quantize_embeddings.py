@@ -17,17 +17,13 @@ a factorized (low-rank) word table alike.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_serializer, model_validator
 
 from compiler.gptq import _to_stored
 from compiler.graph_edit import get_tensor
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.simulation import is_simulated, simulated_op
-
-TABLES = ("word", "position", "token_type")
+from passes.options import QUANTIZE_EMBEDDINGS
 
 
 @simulated_op
@@ -51,38 +47,12 @@ def fake_int4_rows(rows: torch.Tensor, block: int) -> torch.Tensor:
     return (torch.clamp(torch.round(blocks / scale), -7, 7) * scale).reshape(shape)
 
 
-class QuantizeEmbeddingsConfig(PassConfig):
-    dtype: Literal["fp16", "int8", "int4"] = Field(
-        "fp16", description="fp16: half precision (safe default). int8: symmetric int8 with an fp32 scale per row "
-                            "(opt-in). int4: symmetric 4-bit with a float16 scale per block_size columns (opt-in, for size).")
-    tables: list[Literal["word", "position", "token_type"]] = Field(
-        default_factory=lambda: list(TABLES), min_length=1, description="Which embedding tables to store in dtype.")
-    block_size: Literal[16, 32, 64, 128] | None = Field(
-        None, description="int4 only (default 32): columns of a row that share one scale; the table's width must be a "
-                          "multiple of it.")
-
-    @model_validator(mode="after")
-    def _block_size_is_int4_only(self):
-        if self.block_size is not None and self.dtype != "int4":
-            raise ValueError(f"block_size applies to dtype int4 only, and this step has dtype {self.dtype}; "
-                             "remove it or set dtype: int4")
-        if self.dtype == "int4" and self.block_size is None:
-            object.__setattr__(self, "block_size", 32)  # frozen config: fill the default once, here
-        return self
-
-    @model_serializer(mode="wrap")
-    def _without_an_unused_block_size(self, handler):
-        return {key: value for key, value in handler(self).items() if not (key == "block_size" and value is None)}
-
-
 @register_pass
 class QuantizeEmbeddings(Pass):
     """Store embedding tables in fp16, per-row int8 or block-wise int4 (simulated in the graph, realized at lowering)."""
 
-    name = "quantize-embeddings"
-    Config = QuantizeEmbeddingsConfig
+    declaration = QUANTIZE_EMBEDDINGS
     kind = "lossy"
-    must_run_after = ("low-rank",)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -21,138 +21,21 @@ projection in int4 keeps attention as MultiHeadAttention with separate q/k/v Mat
 
 from __future__ import annotations
 
-import weakref
-from typing import Literal
-
 import torch
-from pydantic import Field, field_validator, model_serializer, model_validator
 
 from compiler import gptq as gptq_lib
 from compiler.graph_edit import get_tensor, set_parameter
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
-from compiler.simulation import is_simulated, simulated_op
-
-EXCLUDABLE = ("embeddings", "attention", "ffn", "pooler")
-INT4_DEFAULTS = {"block_size": 32, "method": "gptq", "symmetric": False, "clip_search": True, "compute": "int8",
-                 "calibration_batches": 8, "damp": 0.01}
-
-
-# Fake-quantized weights by id(weight): validation runs the same weights over every held-out batch,
-# so each is rounded once, until the weight changes (its version counter moves, e.g. a distill step)
-# or dies (the weakref callback drops the entry, so a reused id never hits).
-_ROUNDED_WEIGHTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def round_weight_int8(weight: torch.Tensor) -> torch.Tensor:
-    """The rounding of fake_quant_weight_int8 without its cache (training changes the weights at every step,
-    and the cache's id/version lookups would stop torch.compile from capturing the training graph)."""
-    with torch.no_grad():
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        return torch.clamp(torch.round(weight / scale), -127, 127) * scale
-
-
-@simulated_op
-def fake_quant_weight_int8(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel, as ONNX Runtime's per-channel weight quantization.
-
-    No gradient flows through it (round has none; distill's straight-through estimator adds its own).
-    """
-    key = id(weight)
-    hit = _ROUNDED_WEIGHTS.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
-    rounded = round_weight_int8(weight)
-    if type(rounded) is torch.Tensor:  # not under FakeTensorMode (the cost model's shape pass)
-        _ROUNDED_WEIGHTS[key] = (weakref.ref(weight, lambda _, key=key: _ROUNDED_WEIGHTS.pop(key, None)),
-                                 weight._version, rounded)
-    return rounded
-
-
-@simulated_op
-def fake_quant_table_int8(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 over the whole table, as ONNX Runtime quantizes a Gather's data."""
-    scale = weight.abs().max().clamp(min=1e-12) / 127.0
-    return torch.clamp(torch.round(weight / scale), -127, 127) * scale
-
-
-@simulated_op
-def fake_quant_activation_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic asymmetric uint8 per tensor, as ONNX Runtime's DynamicQuantizeLinear computes at run time."""
-    low = torch.clamp(x.min(), max=0.0)
-    high = torch.clamp(x.max(), min=0.0)
-    scale = torch.clamp((high - low) / 255.0, min=1e-12)
-    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
-
-
-@simulated_op
-def fake_quant_activation_blocks_int8(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Symmetric int8 per block of ``block`` features of each row, as MatMulNBits (accuracy level 4) quantizes A."""
-    shape = x.shape
-    blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
-    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
-    return (torch.clamp(torch.round(blocks / scale), -127, 127) * scale).reshape(shape)
-
-
-@simulated_op
-def fake_fp16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(x.dtype)
-
-
-class QuantizeLinearConfig(PassConfig):
-    dtype: Literal["int8", "int4", "fp16"] = Field(
-        "int8", description="int8: per-channel weights + dynamic activations (CPU, fast). int4: block-wise 4-bit "
-                            "weights (ONNX Runtime MatMulNBits; for size, about fp32 speed on x86). fp16: half precision (GPU targets).")
-    # int4 options: None unless dtype is int4 (then the defaults in INT4_DEFAULTS fill in); giving one
-    # with another dtype is an error rather than silently ignored.
-    block_size: Literal[16, 32, 64, 128] | None = Field(None, description="int4 (default 32): inputs per scale; smaller is more faithful and larger.")
-    method: Literal["gptq", "rtn"] | None = Field(None, description="int4 (default gptq): GPTQ rounding on calibration text, or round-to-nearest.")
-    symmetric: bool | None = Field(None, description="int4 (default false): symmetric blocks (zero point 8); false adds a 4-bit "
-                                   "zero point per block (an eighth of a byte per weight at block 32), more faithful on skewed blocks.")
-    clip_search: bool | None = Field(None, description="int4 (default true): per block, try shrinking the range (1.0 to 0.75) "
-                                     "and keep the least rounding error.")
-    compute: Literal["int8", "fp32"] | None = Field(
-        None, description="int4 (default int8): ONNX Runtime multiplies with int8 activations per block (accuracy level 4) or fp32 (exact).")
-    calibration_batches: int | None = Field(None, ge=1, description="int4 + gptq (default 8): calibration batches for the input Hessians.")
-    damp: float | None = Field(None, gt=0, le=1, description="int4 + gptq (default 0.01): Hessian dampening, a fraction of its mean diagonal.")
-    exclude: list[str | int] = Field(
-        default_factory=lambda: ["embeddings"],
-        description=f"Parts kept in full precision: any of {list(EXCLUDABLE)} or layer indices.",
-    )
-
-    @model_validator(mode="after")
-    def _int4_options(self):
-        given = [name for name in INT4_DEFAULTS if getattr(self, name) is not None]
-        if self.dtype != "int4" and given:
-            raise ValueError(f"{given[0]} applies to dtype int4 only, and this step has dtype {self.dtype}; "
-                             "remove it or set dtype: int4")
-        if self.dtype == "int4":
-            for name, value in INT4_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, value)  # frozen config: fill the defaults once, here
-        return self
-
-    @model_serializer(mode="wrap")
-    def _without_unused_int4_options(self, handler):
-        return {key: value for key, value in handler(self).items() if not (key in INT4_DEFAULTS and value is None)}
-
-    @field_validator("exclude")
-    @classmethod
-    def _known_parts(cls, value):
-        for item in value:
-            if isinstance(item, str) and item not in EXCLUDABLE:
-                raise ValueError(f"unknown part {item!r}; use one of {list(EXCLUDABLE)} or a layer index")
-            if isinstance(item, int) and item < 0:
-                raise ValueError("layer indices are >= 0")
-        return value
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from compiler.simulation import (fake_fp16, fake_quant_activation_blocks_int8, fake_quant_activation_uint8,
+                                 fake_quant_table_int8, fake_quant_weight_int8, is_simulated)
+from passes.options import QUANTIZE_LINEAR
 
 
 @register_pass
 class QuantizeLinear(Pass):
     """Quantize linear layers to int8, int4 or fp16, simulated (int4: rounded) in the graph and realized at lowering."""
 
-    name = "quantize-linear"
-    Config = QuantizeLinearConfig
+    declaration = QUANTIZE_LINEAR
     kind = "lossy"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

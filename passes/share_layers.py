@@ -10,30 +10,12 @@ it to 1e-4). Needs the BERT structure; runs after the passes that reshape single
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, field_validator
 
 from compiler.graph_edit import get_tensor, remove_dead_code, set_parameter
-from compiler.pass_infra import Pass, PassConfig, PassContext, PassResult, register_pass
+from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.structure import Layer
-
-
-class ShareLayersConfig(PassConfig):
-    groups: list[list[int]] = Field(..., min_length=1,
-                                    description="Groups of layer indices; each group shares one set of weights.")
-    strategy: Literal["first", "mean"] = Field("first", description="first: the group's first layer's weights; mean: their average.")
-
-    @field_validator("groups")
-    @classmethod
-    def _disjoint(cls, groups):
-        flat = [i for group in groups for i in group]
-        if any(len(group) < 2 for group in groups):
-            raise ValueError("each group lists at least two layers")
-        if any(i < 0 for i in flat) or len(set(flat)) != len(flat):
-            raise ValueError("layer indices are >= 0 and appear in one group at most once")
-        return groups
+from passes.options import SHARE_LAYERS
 
 
 def layer_weights(layer: Layer) -> list[str]:
@@ -51,11 +33,8 @@ def layer_weights(layer: Layer) -> list[str]:
 class ShareLayers(Pass):
     """Make groups of layers share one set of weights (storage drops, FLOPs do not)."""
 
-    name = "share-layers"
-    Config = ShareLayersConfig
+    declaration = SHARE_LAYERS
     kind = "lossy"
-    must_run_before = ("quantize-linear",)
-    must_run_after = ("prune-heads", "prune-ffn", "low-rank")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         structure = ctx.structure(gm)

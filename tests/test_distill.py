@@ -16,7 +16,7 @@ from compiler.recipe import load_recipe, load_recipe_text
 from compiler.simulation import straight_through
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
-from passes.quantize_linear import fake_quant_activation_blocks_int8, fake_quant_activation_uint8
+from compiler.simulation import fake_quant_activation_blocks_int8, fake_quant_activation_uint8
 from tests.conftest import make_tiny_bert
 from tests.helpers import calibration_for, run_pass
 

@@ -12,7 +12,8 @@ from compiler.graph_edit import get_tensor, remove_dead_code
 from compiler.lowering import lower_to_onnx
 from compiler.structure import analyze
 from compiler.validation import hidden_states
-from passes.low_rank import LowRankConfig, factorize
+from passes.low_rank import factorize
+from passes.options import LowRankConfig
 from tests.helpers import calibration_for, manager_for, run_pass
 
 

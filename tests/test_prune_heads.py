@@ -13,7 +13,8 @@ from compiler.importance import Probe
 from compiler.lowering import lower_to_onnx
 from compiler.structure import analyze
 from compiler.validation import hidden_states
-from passes.prune_heads import PruneHeadsConfig, choose_heads
+from passes.options import PruneHeadsConfig
+from passes.prune_heads import choose_heads
 from tests.helpers import calibration_for, manager_for, run_pass
 
 

@@ -19,7 +19,8 @@ from compiler.runtime import ort_runner, session
 from compiler.simulation import strip_simulation
 from compiler.structure import analyze
 from compiler.validation import hidden_states
-from passes.quantize_embeddings import QuantizeEmbeddingsConfig, fake_int4_rows, fake_int8_rows
+from passes.options import QuantizeEmbeddingsConfig
+from passes.quantize_embeddings import fake_int4_rows, fake_int8_rows
 from tests.helpers import manager_for, run_pass
 
 

@@ -8,7 +8,7 @@ import torch
 from compiler.simulation import is_simulated, strip_simulation
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
-from passes.quantize_linear import fake_quant_activation_uint8, fake_quant_weight_int8
+from compiler.simulation import fake_quant_activation_uint8, fake_quant_weight_int8
 from tests.helpers import calibration_for, run_pass
 
 

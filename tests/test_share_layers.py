@@ -65,7 +65,7 @@ def test_layers_pruned_to_different_shapes_cannot_share(tiny, tiny_gm):
 
 
 def test_overlapping_groups_are_a_recipe_error():
-    from passes.share_layers import ShareLayersConfig
+    from passes.options import ShareLayersConfig
 
     with pytest.raises(ValueError, match="at most once"):
         ShareLayersConfig(groups=[[0, 1], [1, 2]])

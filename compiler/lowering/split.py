@@ -27,7 +27,7 @@ from torch.export import Dim
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from ..structure import analyze
+from ..structure import SEGMENT_MASK, analyze
 from . import verify
 from .export import OPSET, _max_sequence
 from .fusions import fused_op_counts, op_counts, run_ort_fusions
@@ -57,8 +57,6 @@ class SplitResult:
 
 def decoupled_layer_count(gm: GraphModule) -> int:
     """How many of the lowest layers attend through decouple-attention's segment mask."""
-    from passes.decouple_attention import SEGMENT_MASK
-
     count = 0
     for layer in analyze(gm).layers:
         core = layer.attention.core
