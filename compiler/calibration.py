@@ -301,6 +301,12 @@ def _read_file(path: Path) -> list[str]:
             f"is not UTF-8 text (byte {exc.start} cannot be decoded).", file=str(path), field="calibration.texts",
             fix="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8).",
         ) from None
+    return [text for text, _ in _records(path, raw)]
+
+
+def _records(path: Path, raw: str) -> list[tuple[str | tuple[str, str], object]]:
+    """(text, label) per line: a .jsonl line's "text" (with its "text_pair", a two-segment tuple) and its "label"
+    (or per-token "labels"), None when it has none; a .txt line has no label."""
     if path.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):
@@ -314,9 +320,30 @@ def _read_file(path: Path) -> list[str]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise CalibrationError(f"line {number} has no string field 'text'.", file=str(path),
                                        field="calibration.texts", fix='write lines like {"text": "..."}.')
-            texts.append(record["text"])
+            pair = record.get("text_pair")
+            if pair is not None and not isinstance(pair, str):
+                raise CalibrationError(f"line {number} has a 'text_pair' that is not a string.", file=str(path),
+                                       field="calibration.texts", fix='write lines like {"text": "...", "text_pair": "..."}.')
+            texts.append(((record["text"], pair) if pair is not None else record["text"],
+                          record.get("label", record.get("labels"))))
         return texts
-    return [line.strip() for line in raw.splitlines() if line.strip()]
+    return [(line.strip(), None) for line in raw.splitlines() if line.strip()]
+
+
+def load_labels(source: str, base_dir: Path | None = None) -> dict:
+    """text -> label of a labeled .jsonl source (a file or the .jsonl files of a folder); {} for any other source."""
+    if source.startswith("builtin"):
+        return {}
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    files = sorted(p for p in path.rglob("*.jsonl") if p.is_file()) if path.is_dir() else [path]
+    labels = {}
+    for file in files:
+        if file.suffix == ".jsonl" and file.is_file():
+            labels.update({text: label for text, label in _records(file, file.read_text(encoding="utf-8"))
+                           if label is not None})
+    return labels
 
 
 def load_texts(source: str, base_dir: Path | None = None) -> list[str]:
@@ -359,6 +386,9 @@ class CalibrationData:
     heldout_batches: list[dict[str, torch.Tensor]]
     truncated: int  # how many texts were longer than max_length
     max_length: int | None = None  # tokens per text; a pass that changes the tokenizer re-tokenizes to it
+    # The held-out texts' labels (a labeled .jsonl source: a class name or id each, or per-token lists), else None.
+    # Only validation reads them: passes calibrate and distill on the texts alone.
+    heldout_labels: list | None = None
 
 
 def _segments(text: str | tuple[str, str]) -> tuple[str, ...]:
@@ -402,5 +432,9 @@ def prepare_calibration(tokenizer, *, source: str, samples: int, validation_samp
         texts=calibration, heldout_texts=heldout,
         batches=tokenize_batches(tokenizer, calibration, length, batch_size),
         heldout_batches=tokenize_batches(tokenizer, heldout, length, batch_size),
-        truncated=truncated, max_length=length,
+        truncated=truncated, max_length=length, heldout_labels=_labels_of(heldout, load_labels(source, base_dir)),
     )
+
+
+def _labels_of(texts: list, labels: dict) -> list | None:
+    return [labels[text] for text in texts] if labels and all(text in labels for text in texts) else None

@@ -27,6 +27,7 @@ from .recipe import Recipe
 from .runtime import ort_runner, session
 from .simulation import strip_simulation
 from .structure import analyze
+from .tasks import check_metric, num_labels
 from .validation import pooling_mode, run_batches
 
 
@@ -113,13 +114,15 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
     if previous is not None:
         return CompileResult(0, previous, Path(out_dir), up_to_date=True)
     say(f"loading {settings.model}")
-    loaded = load_model(settings.model, allow_pickle=allow_pickle)
+    loaded = load_model(settings.model, allow_pickle=allow_pickle, task=settings.task)
     cal = settings.calibration
     calibration = prepare_calibration(
         loaded.tokenizer, source=cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
         max_length=cal.max_length, batch_size=cal.batch_size, seed=cal.seed, model_max_length=loaded.max_length,
         base_dir=recipe.base_dir,
     )
+    check_metric(settings.budget.metric, loaded.task, num_labels(loaded.config, loaded.task),
+                 calibration.heldout_labels is not None, recipe.source)
     timings["load"] = time.perf_counter() - started
     say("tracing with torch.export")
     mark = time.perf_counter()
@@ -135,9 +138,12 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         "recipe_file": recipe.source, "recipe": recipe.normalized(), "recipe_digest": recipe.digest(),
         "environment": report_io.environment(),
         "model": {"spec": settings.model, "path": str(loaded.path), "pooling": pooling,
+                  "task": loaded.task, "architectures": list(getattr(loaded.config, "architectures", None) or []),
+                  "num_labels": num_labels(loaded.config, loaded.task), "task_notes": loaded.task_notes,
                   "structure_before": structure_before.summary()},
         "calibration": {"source": cal.texts, "texts": len(calibration.texts), "heldout_texts": len(calibration.heldout_texts),
-                        "truncated_texts": calibration.truncated},
+                        "truncated_texts": calibration.truncated,
+                        "heldout_labeled": calibration.heldout_labels is not None},
         "passes": [], "lowering": None, "final_check": None, "failure": None,
         "cache": {"key": key, "inputs": cache_inputs},
     }
@@ -145,7 +151,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
     store_root = None if fresh else pass_store.store_root()
     store = pass_store.PassStore(store_root, cache_inputs["model"]) if store_root is not None else None
     manager = PassManager(recipe, calibration, loaded.model, loaded.tokenizer, loaded.config, pooling, instruments,
-                          store=store)
+                          store=store, task=loaded.task)
     point = settings.cost
     reference_cost = cost_model.estimate(gm, batch=point.batch, seq=point.seq, component_of=structure_before.node_component,
                                          machine=manager.machine)
@@ -210,13 +216,16 @@ def compile_recipe(recipe: Recipe, out_dir: Path, *, allow_pickle: bool = False,
         final_outputs = run_batches(runner, heldout)
         check = manager.fidelity(final_outputs, state)
         timings["final_check"] = time.perf_counter() - mark
-        passed = check.finite and check.cosine >= settings.budget.min
-        report["final_check"] = {**check.as_dict(), "budget_metric": settings.budget.metric,
-                                 "budget_min": settings.budget.min, "passed": passed}
+        budget = settings.budget
+        achieved = check.value(budget.metric)
+        passed = check.finite and budget.passed(achieved)
+        report["final_check"] = {**check.as_dict(), "budget_metric": budget.metric, "budget_min": budget.min,
+                                 **({"budget_max": budget.max} if budget.max is not None else {}),
+                                 "budget_value": achieved, "passed": passed}
         if not passed:
             failure = CheckFailed(
-                f"the lowered ONNX Runtime model broke the budget: held-out mean cosine {check.cosine:.4f}"
-                f" < {settings.budget.min}" + ("" if check.finite else " (it produced NaN or Inf)") + ".",
+                f"the lowered ONNX Runtime model broke the budget: {budget.describe(achieved)}"
+                + ("" if check.finite else " (it produced NaN or Inf)") + ".",
                 field="budget", fix="relax budget.min or make the recipe less aggressive.")
             for produced in list(staging.iterdir()):
                 if produced.is_file():

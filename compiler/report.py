@@ -40,11 +40,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append(f"Model `{recipe['model']}`, recipe `{report['recipe_file']}`, exit code {report['exit_code']}.")
     if report.get("failure"):
         lines += ["", f"**Failed:** {report['failure']['message']}"]
-    lines += ["", "| # | pass | kind | status | held-out cosine | max-abs-error | params | FLOPs | seconds |",
+    metric = recipe.get("budget", {}).get("metric", "cosine")
+    task = (report.get("model") or {}).get("task", "feature-extraction")
+    if task != "feature-extraction":
+        lines.append(f"Task {task}: checked on its logits; budget metric {metric}.")
+    lines += ["", f"| # | pass | kind | status | held-out {metric} | max-abs-error | params | FLOPs | seconds |",
               "|---|---|---|---|---|---|---|---|---|"]
     for rec in report["passes"]:
         checks = rec.get("checks", {})
-        cos = f"{checks['cosine']:.4f}" if "cosine" in checks else "-"
+        cos = f"{checks[metric]:.4f}" if metric in checks else "-"
         err = checks.get("max_abs_error", checks.get("max_abs_error_vs_reference"))
         err = f"{err:.2e}" if isinstance(err, (int, float)) else "-"
         before, after = rec.get("cost_before") or {}, rec.get("cost_after") or {}
@@ -62,8 +66,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     final = report.get("final_check")
     if final:
         verdict = "passed" if final["passed"] else "FAILED"
-        lines.append(f"Final ONNX Runtime check {verdict}: held-out mean cosine {final['cosine']:.4f}"
-                     f" (min {final['cosine_min']:.4f}, budget >= {final['budget_min']}).")
+        if final.get("metrics"):
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted({"cosine": final["cosine"], **final["metrics"]}.items()))
+            bound = f"<= {final['budget_max']}" if final.get("budget_max") is not None else f">= {final['budget_min']}"
+            lines.append(f"Final ONNX Runtime check {verdict}: held-out {shown} (budget {final['budget_metric']} {bound}).")
+        else:
+            lines.append(f"Final ONNX Runtime check {verdict}: held-out mean cosine {final['cosine']:.4f}"
+                         f" (min {final['cosine_min']:.4f}, budget >= {final['budget_min']}).")
     cost = report.get("cost")
     if cost and cost.get("compiled"):
         ref, out = cost["reference"], cost["compiled"]

@@ -22,10 +22,16 @@ def session(model_path: Path, threads: int = 2, config: dict[str, str] | None = 
 
 
 def ort_runner(sess):
+    """A runner giving the first output, or a QA model's start and end logits stacked [batch, seq, 2]
+    (as compiler.tasks.model_output does for the traced graph)."""
     names = {i.name for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    span = outputs[:2] == ["start_logits", "end_logits"]
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         feeds = {k: v.numpy().astype(np.int64) for k, v in batch.items() if k in names}
+        if span:
+            return torch.from_numpy(np.stack(sess.run(outputs[:2], feeds), axis=-1))
         return torch.from_numpy(np.asarray(sess.run(None, feeds)[0]))
 
     return run

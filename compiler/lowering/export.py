@@ -53,7 +53,11 @@ def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) 
         # train=False into its dropout nodes and refuses .eval().
         module = module.eval()
     with torch.no_grad():
-        n_out = len(_flat_outputs(module(**kwargs)))
+        out = module(**kwargs)
+    n_out = len(_flat_outputs(out))
+    # A task model's outputs keep their Hugging Face names (logits; start_logits, end_logits), which
+    # Optimum's ORTModelFor* and sentence-transformers' CrossEncoder read them by.
+    names = [name for name in out.keys()] if hasattr(out, "keys") else list(OUTPUT_NAMES[:n_out])
     with quiet():
         program = torch.onnx.export(
             module,
@@ -62,7 +66,7 @@ def export_ir(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor]) 
             dynamo=True,
             opset_version=OPSET,
             input_names=list(kwargs),
-            output_names=list(OUTPUT_NAMES[:n_out]),
+            output_names=names[:n_out],
             dynamic_shapes=_dynamic_shapes(kwargs, _max_sequence(module)),
             optimize=True,
             verbose=False,

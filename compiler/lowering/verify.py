@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..model_inputs import feed
+from ..tasks import model_output
 from .export import INPUT_NAMES
 
 
@@ -41,8 +42,7 @@ def token_type_count(module: torch.nn.Module) -> int:
 def torch_outputs(module, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     with torch.no_grad():
         out = module(**feed(module, inputs))
-    first = out[0] if not isinstance(out, torch.Tensor) else out
-    return first.float().numpy()
+    return model_output(out).float().numpy()
 
 
 def ort_session(path: Path, threads: int = 1):
@@ -56,6 +56,9 @@ def ort_outputs(path_or_session, inputs: dict[str, torch.Tensor]) -> np.ndarray:
     sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
     names = {i.name for i in sess.get_inputs()}
     feeds = {n: inputs[n].numpy().astype(np.int64) for n in INPUT_NAMES if n in names}
+    outputs = [o.name for o in sess.get_outputs()]
+    if outputs[:2] == ["start_logits", "end_logits"]:  # stacked as compiler.tasks.model_output stacks them
+        return np.stack(sess.run(outputs[:2], feeds), axis=-1)
     return sess.run(None, feeds)[0]
 
 
@@ -65,14 +68,14 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def pooled_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-sentence cosine of attention-mask mean-pooled embeddings."""
-    pa, pb = mean_pool(a, mask), mean_pool(b, mask)
+    """Per-sentence cosine of attention-mask mean-pooled embeddings (a classifier's [batch, labels] logits: as they are)."""
+    pa, pb = (a, b) if a.ndim == 2 else (mean_pool(a, mask), mean_pool(b, mask))
     return (pa * pb).sum(1) / (np.linalg.norm(pa, axis=1) * np.linalg.norm(pb, axis=1) + 1e-12)
 
 
 def max_abs_error(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     diff = np.abs(a - b)
-    if mask is not None:
+    if mask is not None and diff.shape[:2] == mask.shape:
         # Padded positions' hidden states are not meaningful to anyone; compare real tokens.
         diff = diff[mask.astype(bool)]
     return float(diff.max())
