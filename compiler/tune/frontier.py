@@ -14,7 +14,7 @@ from .search import objective_value
 def frontier(records: list[dict], objective: str, margin: float) -> tuple[list[dict], list[dict]]:
     """(Pareto points sorted by objective, contenders). A point is on the front when no other contender is at
     least as good on both axes and better on one."""
-    compiled = [r for r in records if r["status"] in ("ok", "over_budget") and r.get("fidelity") is not None
+    compiled = [r for r in records if r["status"] in ("ok", "check_failed") and r.get("fidelity") is not None
                 and objective_value(r, objective) is not None]
     estimate = "estimated_latency_ms" if objective == "latency" else "estimated_bytes"
     within = [r[estimate] for r in compiled if r.get("meets_budget") and r.get(estimate) is not None]
@@ -40,7 +40,7 @@ def plot(records: list[dict], points: list[dict], objective: str, budget_min: fl
 
     scale, unit = (1.0, "estimated latency (ms)") if objective == "latency" else (1e-6, "model files (MB)")
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    compiled = [r for r in records if r["status"] in ("ok", "over_budget") and r.get("fidelity") is not None
+    compiled = [r for r in records if r["status"] in ("ok", "check_failed") and r.get("fidelity") is not None
                 and objective_value(r, objective) is not None]
     for meets, colour, label in ((True, "tab:blue", "within budget"), (False, "tab:gray", "over budget")):
         chosen = [r for r in compiled if bool(r.get("meets_budget")) == meets]

@@ -29,7 +29,7 @@ from ..search_space import Candidate, SearchSpace, recipe_text
 from .trial import run_trial, trial_env
 
 DEFAULT_TRIALS = 20  # random and tpe, when tune.trials is not given
-TERMINAL = {"ok", "over_budget", "pruned", "invalid", "failed", "stopped"}
+TERMINAL = {"ok", "check_failed", "pruned", "invalid", "failed", "stopped"}
 MODEL_FILES_KEPT = ("report.json", "report.md")  # what a non-winning trial keeps of its output
 
 
@@ -267,10 +267,19 @@ class Search:
             self._finish(candidate, rung, handle, {**base, "status": "pruned", "meets_budget": None, "reason": reason,
                                                     "seconds": 0.0})
             return None
-        data = self.recipe_data(candidate, rung)
-        spec = {"text": recipe_text(data), "file": self.space.file, "base_dir": str(self.space.base_dir),
-                "out": str((self.out / "trials" / base["key"]).resolve()), "env": self.env}
-        return Pending(candidate, rung, base["key"], base["options"], estimate, spec, handle)
+        return Pending(candidate, rung, base["key"], base["options"], estimate, self.spec(candidate, rung), handle)
+
+    def spec(self, candidate: Candidate, rung: int) -> dict:
+        """What a trial needs to compile ``candidate`` at ``rung``: plain data, for any executor."""
+        key = candidate_key(candidate.options(self.space), self.rungs[rung])
+        return {"text": recipe_text(self.recipe_data(candidate, rung)), "file": self.space.file,
+                "base_dir": str(self.space.base_dir), "out": str((self.out / "trials" / key).resolve()),
+                "env": self.env, "key": key}
+
+    def pending(self, candidate: Candidate, rung: int) -> Pending:
+        """A later rung of a candidate that an executor's own scheduler (ASHA) promoted."""
+        base = self._base(candidate, rung)
+        return Pending(candidate, rung, base["key"], base["options"], self.estimate(candidate), self.spec(candidate, rung))
 
     # -- the rungs ----------------------------------------------------------------------------------------
 
@@ -294,7 +303,7 @@ class Search:
 
     def later_rung(self, rung: int) -> Iterator[Pending]:
         """Successive halving: the best 1/eta of the last rung's compiled candidates, with more distill steps."""
-        ranked = [(c, r) for (c, n), r in self.results.items() if n == rung - 1 and r["status"] in ("ok", "over_budget")]
+        ranked = [(c, r) for (c, n), r in self.results.items() if n == rung - 1 and r["status"] in ("ok", "check_failed")]
         ranked.sort(key=lambda item: (-score(item[1], self.tune.objective), item[0].picks))
         keep = math.ceil(len(ranked) / self.tune.eta) if ranked else 0
         promoted = sorted((c for c, _ in ranked[:keep]),
@@ -386,7 +395,7 @@ class Search:
             "executor": self.executor, "batch": self.tune.batch, "seq": self.tune.seq,
             "budget": {"metric": (self.space.data.get("budget") or {}).get("metric", "cosine"), "min": self.budget_min},
             "candidates": self.space.size, "considered": len(records), "statuses": statuses,
-            "compiles": sum(1 for r in self.results.values() if r["status"] in ("ok", "over_budget")),
+            "compiles": sum(1 for r in self.results.values() if r["status"] in ("ok", "check_failed")),
             "compiled_this_run": self.compiled, "reused_from_previous_run": self.reused,
             "distill_rungs": self.rungs, "contenders": len(contenders),
             "frontier": points, "best": None if best is None else {k: best[k] for k in ("key", "options") if k in best}

@@ -33,7 +33,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     rolled_back = [f"{r['name']}: {r.get('reason')}" for r in report.get("passes") or []
                    if r.get("status") in ("rolled_back", "skipped")]
     return {
-        "status": "ok" if report.get("status") == "ok" else "over_budget",
+        "status": "ok" if report.get("status") == "ok" else "check_failed",
         "meets_budget": bool(final.get("passed")) and report.get("status") == "ok",
         "metric": metric, "fidelity": None if fidelity is None else round(float(fidelity), 6),
         "compiled_estimated_latency_ms": compiled.get("latency_ms"), "compiled_estimated_bytes": compiled.get("bytes"),
