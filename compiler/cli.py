@@ -233,6 +233,11 @@ def cmd_schema(args) -> int:
 
         print(report_json_schema_text(), end="")
         return 0
+    if args.markdown:
+        from .recipe_docs import recipe_markdown
+
+        print(recipe_markdown(), end="")
+        return 0
     from .recipe import recipe_json_schema
 
     print(json.dumps(recipe_json_schema(), indent=2))
@@ -358,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("schema", help="print the JSON Schema of recipe files (or, with --report, of report.json)")
     p.add_argument("--report", action="store_true", help="print the JSON Schema of report.json instead")
+    p.add_argument("--markdown", action="store_true", help="print the recipe reference as Markdown (docs/recipes.md)")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("inspect", help="share of storage and compute per component, estimated and measured (ORT profile)")
     p.add_argument("target", metavar="MODEL_OR_OUTPUT_DIR", help="a Hugging Face folder, builtin:minilm-l6, or a compiled output folder")

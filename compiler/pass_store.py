@@ -175,8 +175,8 @@ def passes_closure(starts: list[tuple[bytes, str]], passes_sources: dict[str, by
 
 def code_digest(pass_cls: type) -> str:
     """The sources a pass runs with: the compiler minus its post-pass modules, the pass's own file, and the built-in
-    pass modules that either imports, directly or through each other (distill: compiler/distillation.py imports
-    passes/quantize_linear.py for its int8 simulation; the other passes' modules stay out of its key).
+    pass modules that either imports, directly or through each other (distill: passes/options.py, which declares every
+    built-in pass; the other passes' modules stay out of its key).
 
     All are read as the process loaded them (the packages when this module is imported, a pass's own file when the
     pass was registered), so an edit made on disk during a compile does not go into the key of the code that ran.
