@@ -56,6 +56,11 @@ class LayerDrop(Pass):
         removed = bypass_layers(gm, structure, drop)
         kept = [i for i in range(count) if i not in drop]
         details.update({"dropped": drop, "kept": kept, "nodes_removed": removed})
+        shared = [group for group in structure.tied_layers() if len(group) > 1]
+        if shared:
+            details["shared_layers"] = shared
+            details["note"] = ("these layers repeat one shared layer (ALBERT): dropping one removes a repetition, so"
+                               " FLOPs drop but the shared weights stay stored while any repetition uses them.")
         return PassResult(gm, modified=bool(drop), details=details)
 
 

@@ -54,9 +54,12 @@ class LowRank(Pass):
         structure = ctx.structure(gm)
         if cfg.target == "embeddings":
             return self._embeddings(gm, structure)
-        sites = self._sites(structure)
+        # A weight read by several layers (ALBERT's shared layer) is factorized once; every use reads the factors.
+        uses: dict[str, list[Linear]] = {}
+        for lin in self._sites(structure):
+            uses.setdefault(lin.weight, []).append(lin)
         plans = []
-        for lin in sites:
+        for lin in [group[0] for group in uses.values()]:
             if lin.factor is not None:
                 raise self.refuse(f"{lin.weight} is already factorized.", fix="list each weight in one low-rank pass.")
             if is_simulated(lin.node.args[1]) or is_simulated(lin.node.args[0]):
@@ -71,7 +74,8 @@ class LowRank(Pass):
         self.kept_everything = all(rank == min(shape) for _, rank, _, _, _, shape in plans)
         report = []
         for lin, rank, a, b, energy, (m, n) in plans:
-            _split_linear(gm, lin, a, b)
+            for use in uses[lin.weight]:
+                _split_linear(gm, use, a, b)
             report.append({"weight": lin.weight, "shape": [m, n], "rank": rank, "energy_kept": round(energy, 6),
                            "weights_before": m * n, "weights_after": rank * (m + n)})
         remove_dead_code(gm)
@@ -100,8 +104,8 @@ class LowRank(Pass):
         if cfg.target == "attention":
             a = [layer.attention for layer in layers]
             return [lin for x in a for lin in (x.query, x.key, x.value, x.output)]
-        if cfg.target == "all":
-            return structure.linears
+        if cfg.target == "all":  # the encoder's linears and the pooler, not a factorized embedding's projection
+            return [lin for lin in structure.linears if lin is not structure.embeddings.projection]
         by_weight = {lin.weight: lin for lin in structure.linears}
         unknown = [name for name in cfg.target if name not in by_weight]
         if unknown:
@@ -136,6 +140,10 @@ class LowRank(Pass):
         details = {"target": "embeddings", "table": [vocab, hidden], "rank": rank, "energy_kept": round(energy, 6),
                    "weights_before": vocab * hidden, "weights_after": rank * (vocab + hidden),
                    "note": "ALBERT-style: the lookup stays a gather, plus one rank x hidden projection per token."}
+        if structure.embeddings.projection is not None:
+            details["note"] = (f"the {vocab}x{hidden} table was already factorized (its {hidden} -> "
+                               f"{structure.hidden_size} projection follows, as in ALBERT); it is factorized further,"
+                               f" to a {vocab}x{rank} table and a {rank} -> {hidden} projection before that one.")
         return PassResult(gm, modified=True, details=details)
 
 

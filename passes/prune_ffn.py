@@ -40,15 +40,23 @@ class PruneFfn(Pass):
         sizes = [layer.ffn.intermediate for layer in layers]
         wanted = [n if n is not None else max(1, round(cfg.keep_fraction * size))
                   for n, size in zip(cfg.counts(self, sizes, "neurons"), sizes)]
+        # Layers that repeat one shared layer (ALBERT) lose the same neurons: scores add up over the repetitions.
+        groups = structure.tied_layers()
+        group_of = {i: tuple(group) for group in groups for i in group}
         seen: dict[str, int] = {}
         for layer in layers:
             if layer.ffn.up.factor is not None or layer.ffn.down.factor is not None:
                 raise self.refuse(f"layer {layer.index}'s FFN is factorized (low-rank); its rows no longer map to neurons.",
                                   fix="run prune-ffn before low-rank.")
             for target in (layer.ffn.up.weight, layer.ffn.down.weight):
-                if seen.setdefault(target, layer.index) != layer.index:
-                    raise self.refuse(f"layers {seen[target]} and {layer.index} share the weight {target}.",
-                                      fix="run prune-ffn before share-layers.")
+                if group_of[seen.setdefault(target, layer.index)] != group_of[layer.index]:
+                    raise self.refuse(f"layers {seen[target]} and {layer.index} share the weight {target} but not all"
+                                      " their weights.", fix="run prune-ffn before share-layers.")
+        for group in groups:
+            if len({wanted[i] for i in group}) > 1:
+                raise self.refuse(f"layers {group} repeat one shared layer (their weights are the same tensors), so they"
+                                  f" keep the same neurons, but keep asks for {sorted({wanted[i] for i in group})}.",
+                                  fix=f"give layers {group} one keep count.")
 
         self.kept_everything = all(n == l.ffn.intermediate for n, l in zip(wanted, layers))
         batches = ctx.calibration.batches[:cfg.calibration_batches]
@@ -58,10 +66,22 @@ class PruneFfn(Pass):
         scores = stats.scores if cfg.importance == "activation" else imp.neuron_l1(gm, structure)
         grams = imp.input_grams(gm, [l.ffn.act for l in layers], batches) \
             if cfg.reconstruct and not self.kept_everything else None
+        scores = list(scores)
+        for group in groups:  # a shared weight is scored, refit and compensated over all its repetitions
+            scores[group[0]] = sum(scores[i] for i in group)
+            if grams is not None:
+                grams[group[0]] = sum(grams[i] for i in group)
+            if stats is not None:
+                stats.mean_activation[group[0]] = sum(stats.mean_activation[i] for i in group) / len(group)
+        first = {i: group[0] for group in groups for i in group}
 
         report = []
         for layer, n in zip(layers, wanted):
             ffn = layer.ffn
+            if first[layer.index] != layer.index:  # its weights are the group's first layer's, sliced there
+                report.append({"layer": layer.index, "neurons_before": ffn.intermediate, "neurons_after": n,
+                               "shares_weights_with": first[layer.index]})
+                continue
             order = torch.argsort(scores[layer.index], descending=True)
             keep = torch.sort(order[:n]).values
             removed = torch.sort(order[n:]).values
@@ -89,4 +109,6 @@ class PruneFfn(Pass):
                    "neurons_after": sum(wanted), "layers": report,
                    "bias_compensated": cfg.compensate_bias and grams is None and not self.kept_everything,
                    "reconstructed": grams is not None}
+        if any(len(group) > 1 for group in groups):
+            details["shared_layers"] = [group for group in groups if len(group) > 1]
         return PassResult(gm, modified=True, details=details)

@@ -46,6 +46,11 @@ class QuantizeLinear(Pass):
         if bad:
             raise self.refuse(f"exclude names layer {bad[0]} but the model has {len(structure.layers)} layers (0-{len(structure.layers) - 1}).",
                               fix="use a layer index that exists.")
+        for group in structure.tied_layers():
+            if len({index in exclude for index in group}) > 1:
+                raise self.refuse(f"layers {group} repeat one shared layer (their weights are the same tensors), so they"
+                                  " are quantized together, but exclude names only some of them.",
+                                  fix=f"exclude all of layers {group} or none.")
         chosen, kept = [], []
         for layer in structure.layers:
             groups = ((layer.attention.query, layer.attention.key, layer.attention.value, layer.attention.output), "attention"), \
@@ -54,6 +59,8 @@ class QuantizeLinear(Pass):
                 (kept if layer.index in exclude or part in exclude else chosen).extend(linears)
         if structure.pooler is not None:
             (kept if "pooler" in exclude else chosen).append(structure.pooler)
+        if structure.embeddings.projection is not None:  # ALBERT's E -> hidden projection belongs to the embeddings
+            (kept if "embeddings" in exclude else chosen).append(structure.embeddings.projection)
         kept = [lin.module for lin in kept]
         # Linears an earlier quantize-linear stored in int4 keep that (a recipe may put the FFN in
         # int4 for size and the rest in int8 for speed).

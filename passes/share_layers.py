@@ -44,6 +44,12 @@ class ShareLayers(Pass):
             if past:
                 raise self.refuse(f"groups names layer {past[0]} but the model has {count} layers (0-{count - 1}).",
                                   fix=f"use indices between 0 and {count - 1}.")
+        tied = {i: tuple(group) for group in structure.tied_layers() for i in group}
+        for group in self.config.groups:
+            if len({tied[i] for i in group}) == 1 and len(tied[group[0]]) > 1:
+                raise self.refuse(f"layers {group} already read one set of weights (the model repeats one shared layer,"
+                                  " as ALBERT does), so there is nothing to share.",
+                                  fix="drop share-layers from the recipe, or use layer-drop to remove repetitions.")
         plans, equal = [], True
         for group in self.config.groups:
             roles = list(zip(*[layer_weights(structure.layers[i]) for i in group]))

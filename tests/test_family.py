@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -44,3 +45,42 @@ def test_distilbert_is_traced_lowered_and_shipped_without_token_type_ids(family,
     assert config["bertpress"]["inputs"] == inputs
     assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == inputs
     assert json.loads((out / "report.json").read_text())["final_check"]["passed"]
+
+
+ACCEPTANCE = """  - layer-drop: {layers: [1]}
+  - prune-heads: {keep: 3}
+  - quantize-linear: {dtype: int8}"""
+
+
+@pytest.mark.parametrize("member", ["distilbert", "albert"])
+def test_member_compiles_with_layer_drop_prune_heads_and_int8_within_budget(member, family, tmp_path):
+    code, out = compile_member(tmp_path, family(member), ACCEPTANCE, budget=0.9)
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["final_check"]["passed"]
+    assert [layer["heads"] for layer in report["model"]["structure_after"]["layers"]] == [3, 3, 3]
+
+
+def test_albert_is_one_shared_layer_repeated_behind_an_embedding_projection(family):
+    from compiler.frontend import example_inputs, load_model, trace
+    from compiler.structure import analyze
+
+    loaded = load_model(str(family("albert")))
+    gm = trace(loaded.model, example_inputs(loaded.tokenizer), max_length=loaded.max_length)
+    structure = analyze(gm)
+    assert structure.tied_layers() == [[0, 1, 2, 3]]
+    assert structure.embeddings.norm is not None and structure.embeddings.projection.shape(gm) == (128, 32)
+    assert len(structure.layers[0].ffn.activation) > 1  # gelu_new, written out element by element
+
+
+def test_albert_stores_its_shared_layer_once_after_heads_are_pruned(family, tmp_path):
+    code, out = compile_member(tmp_path, family("albert"), "  - prune-heads: {keep: 2}")
+    assert code == 0
+    shapes = [list(i.dims) for i in onnx.load(str(out / "model.onnx")).graph.initializer]
+    # 2 heads of 32 kept: packed q/k/v [128, 3 x 64], output [64, 128], FFN [128, 512] and [512, 128], once each
+    assert [shapes.count(shape) for shape in ([128, 192], [64, 128], [128, 512], [512, 128])] == [1, 1, 1, 1]
+
+
+def test_share_layers_on_albert_is_refused_as_already_shared(family, tmp_path, capsys):
+    code, _ = compile_member(tmp_path, family("albert"), "  - share-layers: {groups: [[0, 1]]}")
+    assert code == 2
+    assert "on AlbertModel: layers [0, 1] already read one set of weights" in capsys.readouterr().err

@@ -41,6 +41,16 @@ def _scope(node: ir.Node, index: int) -> str:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer, or the one already packed under ``name`` when it holds the same numbers: the repetitions
+    of a shared layer (ALBERT) come from one module, and their packed weights stay one tensor in the file."""
+    existing = graph.initializers.get(name)
+    if existing is not None:
+        if existing.const_value is not None and np.array_equal(existing.const_value.numpy(), array):
+            return existing
+        suffix = 1
+        while f"{name}.{suffix}" in graph.initializers:
+            suffix += 1
+        name = f"{name}.{suffix}"
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
                      const_value=ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=name))
     graph.register_initializer(value)
