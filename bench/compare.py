@@ -6,8 +6,9 @@ Measured in one process, on the same inputs:
   * the best peer pipeline, as Hugging Face Optimum runs it: legacy TorchScript export
     (torch.onnx.export(..., dynamo=False); used here only as the peer, never in bertpress) ->
     onnxruntime.transformers optimizer (model_type bert) -> onnxruntime quantize_dynamic int8 per-channel;
-  * every recipe in recipes/, compiled with compiler.compile.compile_recipe into OUT_ROOT/<recipe>
-    (an up-to-date build is reused, as `bertpress compile` does).
+  * every recipe in recipes/ (or those --recipes names, from recipes/ or bench/experiments/recipes/), compiled
+    with compiler.compile.compile_recipe into OUT_ROOT/<recipe> (an up-to-date build is reused, as
+    `bertpress compile` does).
 For each: size on disk; latency at batch 1 and 32 (seq 128, 2 intra-op threads), timed in interleaved
 rounds (each round runs every model once, in rotating order), as medians and the ratio to the plain
 export's median; fidelity on held-out WordNet glosses (the flagship recipe's held-out slice: seeded,
@@ -54,6 +55,8 @@ from compiler.runtime import session  # noqa: E402
 
 MODEL = "builtin:minilm-l6"
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
+# Where --recipes and --sample-also look a name up: the recipes users start from, then the experiment variants.
+RECIPE_DIRS = (ROOT / "recipes", ROOT / "bench" / "experiments" / "recipes")
 TARGETS = {"speedup32": 4.0, "smaller": 10.0, "cosine": 0.95, "overlap": 0.75}
 SEQ = 128
 
@@ -66,9 +69,30 @@ def heldout_texts() -> tuple[list[str], str]:
     return heldout, f"{len(heldout)} {cal.texts} texts (seed {cal.seed}, the held-out slice of {FLAGSHIP.name})"
 
 
+def known_recipes() -> dict[str, Path]:
+    """Recipe name (file name without .yaml) -> its file, over RECIPE_DIRS; recipes/ wins a name both hold."""
+    known: dict[str, Path] = {}
+    for folder in reversed(RECIPE_DIRS):
+        known.update((p.stem, p) for p in folder.glob("*.yaml"))
+    return dict(sorted(known.items()))
+
+
+def recipe_path(name: str) -> Path:
+    """The file of recipe ``name`` (see known_recipes)."""
+    path = known_recipes().get(name)
+    if path is None:
+        raise SystemExit(f"no recipe named {name} in {' or '.join(_shown(d) + '/' for d in RECIPE_DIRS)}")
+    return path
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository, as results files and messages name it."""
+    return str(path.relative_to(ROOT))
+
+
 def _pass_text_sources(name: str) -> set[str]:
     """Every text source the passes of recipe ``name`` train or choose on (distill, prune-vocab, ...: their ``*texts``)."""
-    recipe = load_recipe(str(ROOT / "recipes" / f"{name}.yaml"))
+    recipe = load_recipe(str(recipe_path(name)))
     sources: set[str] = set()
     for step in recipe.steps:
         for key, value in step.config.model_dump().items():
@@ -102,7 +126,7 @@ def other_domain_texts(names: list[str], source: str, what: str, count: int = 25
     trained_on: list[str] = []
     training: set[str] = set()
     for name in names:
-        cal = load_recipe(str(ROOT / "recipes" / f"{name}.yaml")).file.calibration
+        cal = load_recipe(str(recipe_path(name))).file.calibration
         if _same_corpus(cal.texts, source):
             seen.update(sample_calibration_texts(cal.texts, samples=cal.samples, validation_samples=cal.validation_samples,
                                                  seed=cal.seed)[0])
@@ -122,7 +146,7 @@ def other_domain_texts(names: list[str], source: str, what: str, count: int = 25
     label = (f"{len(texts)} {what} ({source}, seed {seed}) outside the calibration sample of every recipe in this run"
              " and outside every corpus their passes train on")
     for name in sorted(set(trained_on)):
-        label += f" (recipes/{name}.yaml trains on {source}, so it may have seen them)"
+        label += f" ({_shown(recipe_path(name))} trains on {source}, so it may have seen them)"
     return texts, label
 
 
@@ -286,23 +310,23 @@ def _same_recipe_today(built: dict | None, recipe) -> bool:
 
 
 def compile_all(out_root: Path, reuse: bool, only: list[str] | None = None) -> dict[str, dict]:
+    """Compile the recipes ``only`` names (from RECIPE_DIRS), or every recipe in recipes/ without ``only``."""
     from compiler.compile import compile_recipe
 
     results = {}
-    for recipe_path in sorted((ROOT / "recipes").glob("*.yaml")):
-        name = recipe_path.stem
-        if only and name not in only:
-            continue
+    chosen = ({n: p for n, p in known_recipes().items() if n in only} if only
+              else {p.stem: p for p in sorted(RECIPE_DIRS[0].glob("*.yaml"))})
+    for name, path in chosen.items():
         out = out_root / name
         started = time.perf_counter()
-        recipe = load_recipe(str(recipe_path))
+        recipe = load_recipe(str(path))
         report = _reusable(recipe, out) if reuse else None
         if report is not None:
-            print(f"[compare] reusing the build of {recipe_path.name} in {out}", flush=True)
+            print(f"[compare] reusing the build of {path.name} in {out}", flush=True)
             results[name] = {"path": out, "report": report, "status": "ok", "reason": None, "up_to_date": False,
                              "reused": True, "seconds": 0.0, "compile_seconds": report.get("timings", {}).get("total")}
             continue
-        print(f"[compare] compiling {recipe_path.name} -> {out}", flush=True)
+        print(f"[compare] compiling {path.name} -> {out}", flush=True)
         try:
             result = compile_recipe(recipe, out)
             report = result.report
@@ -531,11 +555,11 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
                else f"compiled in this run ({rec['seconds']:.0f} s)")
         total = rec.get("compile_seconds")
         shape = architecture(rec["report"]) if rec.get("report") else None
-        lines.append(f"- `recipes/{name}.yaml`: {rec['status']}; {how}" + (f"; its compile took {total:.0f} s" if total else "")
+        lines.append(f"- `{_shown(recipe_path(name))}`: {rec['status']}; {how}" + (f"; its compile took {total:.0f} s" if total else "")
                      + (f"; encoder: {shape}" if shape else ""))
     for name, rec in failed.items():
-        lines.append(f"- `recipes/{name}.yaml` did not compile: {rec['reason']}")
-    left_out = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if p.stem not in recipes)
+        lines.append(f"- `{_shown(recipe_path(name))}` did not compile: {rec['reason']}")
+    left_out = sorted(p.stem for p in RECIPE_DIRS[0].glob("*.yaml") if p.stem not in recipes)
     if left_out:
         lines.append(f"- not in this run (`--recipes`): {', '.join(f'`recipes/{n}.yaml`' for n in left_out)}")
     recipe_rows = [r for r in rows if r.get("estimated_ms") is not None and r["name"].startswith("recipe ")]
@@ -618,7 +642,8 @@ def main() -> None:
     parser.add_argument("--skip-inspect", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="use an existing build of the same recipe text in OUT_ROOT even if"
                         " code changed since (the default rebuilds unless `bertpress compile` would call it up to date)")
-    parser.add_argument("--recipes", nargs="*", help="only these recipes (names without .yaml; default: every recipe)")
+    parser.add_argument("--recipes", nargs="*", help="only these recipes (names without .yaml, from recipes/ or"
+                        " bench/experiments/recipes/; default: every recipe in recipes/)")
     parser.add_argument("--sample-also", nargs="*", default=[], metavar="RECIPE",
                         help="recipes not run here whose calibration and training texts the held-out samples also avoid:"
                         " given the recipes of an earlier run, a partial run measures fidelity on that run's samples")
@@ -632,11 +657,11 @@ def main() -> None:
                          " with this --results first)")
         print(replot(args.results))
         return
-    known = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    known = known_recipes()
     unknown = [name for name in (args.recipes or []) + args.sample_also if name not in known]
     if unknown:
-        parser.error(f"no recipe named {', '.join(unknown)} in recipes/ (names are file names without .yaml:"
-                     f" {', '.join(known)})")
+        parser.error(f"no recipe named {', '.join(unknown)} in {' or '.join(_shown(d) + '/' for d in RECIPE_DIRS)}"
+                     f" (names are file names without .yaml: {', '.join(known)})")
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     load_before = [round(x, 1) for x in os.getloadavg()]

@@ -2,7 +2,7 @@
 
 Two stages, each written to bench/DISTILL.md as soon as it finishes:
 
-1. ``recipes/minilm-distill.yaml`` compiled end to end (it takes minutes, so this script is what compiles
+1. ``bench/experiments/recipes/minilm-distill.yaml`` compiled end to end (it takes minutes, so this script is what compiles
    it): held-out cosine before and after the distill pass, from the compile report.
 2. The ablation: one student (layer-drop count 2 + prune-heads keep 6, chosen on Python-docs calibration
    text) distilled with each configuration for the same number of steps; held-out cosine measured on
@@ -36,7 +36,7 @@ from compiler.pass_infra import PassContext, get_pass  # noqa: E402
 from compiler.pass_manager import StructureCache  # noqa: E402
 from compiler.validation import compare, hidden_states, run_batches  # noqa: E402
 
-RECIPE = ROOT / "recipes" / "minilm-distill.yaml"
+RECIPE = ROOT / "bench" / "experiments" / "recipes" / "minilm-distill.yaml"
 OUT = ROOT / "bench" / "DISTILL.md"
 
 # (label, training text, loss weights, extra options)
@@ -97,7 +97,7 @@ def stage_recipe(sections: dict) -> None:
     final = report.get("final_check") or {}
     details = distill["details"]
     sections["recipe"] = "\n".join([
-        f"## `recipes/minilm-distill.yaml`, compiled by this script (exit code {report['exit_code']})", "",
+        f"## `{RECIPE.relative_to(ROOT)}`, compiled by this script (exit code {report['exit_code']})", "",
         *rows, "",
         f"Held-out cosine (64 Python-docs texts, never trained on; distill trains on {details.get('texts')}): "
         f"**{before} before distill -> {after} after** ({closed:.0%} of the gap to 1.0 closed)." if closed is not None
@@ -199,7 +199,7 @@ def main() -> None:
     sections: dict = {}
     if OUT.is_file():
         previous = OUT.read_text()
-        for key, marker in (("recipe", "## `recipes/"), ("ablation", "## Ablation")):
+        for key, marker in (("recipe", "## `"), ("ablation", "## Ablation")):
             if marker in previous:
                 sections[key] = marker + previous.split(marker, 1)[1].split("\n## ", 1)[0].rstrip()
     if not args.skip_recipe:

@@ -1,6 +1,6 @@
 """Distillation throughput on the flagship's student: one distill setting against another.
 
-Builds the student of recipes/minilm-fast-h12.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
+Builds the student of bench/experiments/recipes/minilm-fast-h12.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
 a rank-128 word table), then runs the same distillation (batch 16, max length 64, lr 5e-4, layer-wise +
 attention losses, int8-aware) both ways, alternating, --repeats times each:
   * ``--compare bucket`` (default): random batches (`bucket: false`) against length-grouped ones (`bucket: true`);

@@ -12,7 +12,9 @@ import pytest
 from compiler.cli import main
 from tests.conftest import write_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))  # the recipes a user starts from
+EXPERIMENT_RECIPES = sorted((ROOT / "bench" / "experiments" / "recipes").glob("*.yaml"))  # variants bench scripts build
 
 
 def _tiny_recipe(tmp_path, tiny_dir, passes: str, budget: float = 0.5) -> Path:
@@ -88,13 +90,21 @@ def test_schema_command_prints_json_schema(capsys):
     assert schema["title"] == "bertpress recipe"
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", RECIPES + EXPERIMENT_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_validates_and_the_slow_ones_name_the_bench_that_compiles_them(recipe, capsys):
     assert main(["validate", str(recipe)]) == 0
     text = recipe.read_text()
     if "compiled-by: bench" in text:
         bench = text.split("compiled-by: ", 1)[1].split()[0]
-        assert (recipe.parent.parent / bench).is_file(), bench
+        assert (ROOT / bench).is_file(), bench
+
+
+def test_recipes_folder_holds_at_most_eight_starting_points_each_with_a_short_header():
+    assert 0 < len(RECIPES) <= 8, [p.name for p in RECIPES]
+    for recipe in RECIPES:
+        lines = recipe.read_text().splitlines()
+        header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+        assert 0 < header <= 5, f"{recipe.name}: {header} header comment lines (at most 5: what it is for, its headline)"
 
 
 @pytest.mark.minilm

@@ -38,7 +38,7 @@ def test_python_docs_sample_leaves_out_calibration_and_training_texts(compare, t
     assert not set(texts) & set(calibrated)
     assert not set(texts) & docstrings  # minilm-fast distills on the docstrings; two of them are docs sentences
     # minilm-distill trains on the Python docs themselves: the sample cannot avoid that, so the label says so.
-    assert "recipes/minilm-distill.yaml trains on builtin:python-docs" in label
+    assert "bench/experiments/recipes/minilm-distill.yaml trains on builtin:python-docs" in label
     assert "minilm-fast.yaml trains" not in label
     again, _ = compare.other_domain_texts(names, "builtin:python-docs", "Python-documentation texts")
     assert again == texts  # seeded
@@ -73,7 +73,7 @@ def test_unknown_recipe_name_is_a_clear_usage_error(compare, monkeypatch, capsys
         compare.main()
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "no recipe named minilm-fats in recipes/" in err and "minilm-fast-jargon" in err
+    assert "no recipe named minilm-fats in recipes/ or bench/experiments/recipes/" in err and "minilm-fast-jargon" in err
 
 
 @pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="fortunes not installed")
@@ -177,6 +177,6 @@ def test_recipes_written_out_from_a_capacity_variant_are_that_variant_at_the_fla
 
     module = _capacity_ablation(monkeypatch)
     base = yaml.safe_load(module.FLAGSHIP.read_text())
-    written = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+    written = yaml.safe_load((ROOT / "bench" / "experiments" / "recipes" / f"{recipe}.yaml").read_text())
     steps = next(step["distill"]["steps"] for step in base["passes"] if "distill" in step)
     assert written == module.variant_recipe(base, module.VARIANTS[key], steps)
