@@ -1,4 +1,4 @@
-"""bertpress vs its peers on all-MiniLM-L6-v2, side by side, in one run; writes bench/RESULTS.md.
+"""bertpress vs its peers on all-MiniLM-L6-v2, side by side, in one run; writes bench/results/RESULTS.md.
 
 Measured in one process, on the same inputs:
   * plain fp32 ONNX export (dynamo, no fusions, no quantization): the baseline every ratio is against;
@@ -20,7 +20,7 @@ measurement, and the Spearman rank correlation of the two over the recipes. Then
 on MiniLM and on a BERT-base-sized random model, checking the seed's findings.
 
     python bench/compare.py [--rounds1 30] [--rounds32 7] [--threads 2] [--out-root out] [--skip-inspect]
-                            [--reuse] [--recipes NAME ...] [--sample-also NAME ...] [--results bench/RESULTS.md]
+                            [--reuse] [--recipes NAME ...] [--sample-also NAME ...] [--results bench/results/RESULTS.md]
 
 A partial run (--recipes) measures its fidelity on the samples of a full run when --sample-also names that run's
 other recipes, and writes to its own --results file so the full run's stays.
@@ -57,6 +57,7 @@ MODEL = "builtin:minilm-l6"
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
 # Where --recipes and --sample-also look a name up: the recipes users start from, then the experiment variants.
 RECIPE_DIRS = (ROOT / "recipes", ROOT / "bench" / "experiments" / "recipes")
+RESULTS_DIR = ROOT / "bench" / "results"  # what the maintained bench commands write
 TARGETS = {"speedup32": 4.0, "smaller": 10.0, "cosine": 0.95, "overlap": 0.75}
 SEQ = 128
 
@@ -186,9 +187,9 @@ SAMPLES = {"wordnet": "WordNet slice", "docs": "Python docs", "fortunes": "held-
 
 
 def results_recipes() -> list[str]:
-    """The recipes of the run bench/RESULTS.md records (read from its JSON, so a new run moves these with it): scripts
+    """The recipes of the run bench/results/RESULTS.md records (read from its JSON, so a new run moves these with it): scripts
     that pass them to HeldOut measure on that run's samples, so their figures sit beside RESULTS.md's."""
-    return sorted(json.loads((ROOT / "bench" / "RESULTS.json").read_text())["recipes"])
+    return sorted(json.loads((RESULTS_DIR / "RESULTS.json").read_text())["recipes"])
 
 
 def heldout_samples(names: list[str]) -> dict[str, tuple[list[str], str]]:
@@ -402,7 +403,7 @@ def run_inspect(out_root: Path, threads: int) -> list[dict]:
         except Exception as exc:  # the table above is still worth writing
             print(f"[compare] inspect {label} failed: {type(exc).__name__}: {exc}", flush=True)
             continue
-        plot(breakdown, ROOT / "bench" / png)
+        plot(breakdown, RESULTS_DIR / png)
         rows.append({"label": label, "png": png, "breakdown": breakdown.as_dict(), "seconds": round(time.perf_counter() - started)})
     return rows
 
@@ -647,7 +648,7 @@ def main() -> None:
     parser.add_argument("--sample-also", nargs="*", default=[], metavar="RECIPE",
                         help="recipes not run here whose calibration and training texts the held-out samples also avoid:"
                         " given the recipes of an earlier run, a partial run measures fidelity on that run's samples")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "RESULTS.md")
     parser.add_argument("--replot", action="store_true", help="only redraw the chart of --results from its .json (the"
                         " rows an earlier run measured), without compiling or measuring")
     args = parser.parse_args()

@@ -5,7 +5,7 @@
 Each folder is a `bertpress compile` output named after its recipe. The samples are exactly bench/compare.py's: the
 flagship's held-out WordNet slice, and 256 Python-docs and 256 held-out-fortunes texts outside every corpus that the
 passes of the named recipes (the folders' recipes plus --also) train on. Deterministic, so its figures can be set
-beside a committed bench/RESULTS.md when --also names that run's recipes.
+beside a committed bench/results/RESULTS.md when --also names that run's recipes.
 """
 
 from __future__ import annotations

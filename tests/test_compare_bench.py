@@ -110,14 +110,14 @@ def test_a_partial_run_writes_its_own_chart_not_the_main_results_one(compare, tm
 
 
 def test_the_chart_labels_every_model_on_every_panel_and_no_two_labels_overlap(compare, tmp_path):
-    """bench/RESULTS.json's rows (two baselines at 1x, flagships 0.0004 apart): one panel per held-out sample and
+    """bench/results/RESULTS.json's rows (two baselines at 1x, flagships 0.0004 apart): one panel per held-out sample and
     measure, every model named on each, no label drawn over another, and --replot writes the chart from the JSON."""
     import json
     import shutil
 
     import matplotlib.pyplot as plt
 
-    rows = json.loads((ROOT / "bench" / "RESULTS.json").read_text())["rows"]
+    rows = json.loads((ROOT / "bench" / "results" / "RESULTS.json").read_text())["rows"]
     plain = next(r for r in rows if r["name"] == "plain fp32 ONNX export")
     figure = compare.tradeoff_figure(rows, plain)
     try:
@@ -134,16 +134,16 @@ def test_the_chart_labels_every_model_on_every_panel_and_no_two_labels_overlap(c
             assert not overlapping, (axis.get_title(), overlapping)
     finally:
         plt.close(figure)
-    shutil.copy(ROOT / "bench" / "RESULTS.json", tmp_path / "RESULTS.json")
+    shutil.copy(ROOT / "bench" / "results" / "RESULTS.json", tmp_path / "RESULTS.json")
     assert compare.replot(tmp_path / "RESULTS.md") == tmp_path / "tradeoff.png"
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
 
 
 def _capacity_ablation(monkeypatch):
-    """bench/capacity_ablation.py as a module."""
+    """bench/experiments/capacity_ablation.py as a module (it imports bench/compare.py as ``compare``)."""
     monkeypatch.setenv("BERTPRESS_PASS_STORE", "off")  # the script sets it at import; undone after the test
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_capacity_ablation", ROOT / "bench" / "capacity_ablation.py")
+    spec = importlib.util.spec_from_file_location("bench_capacity_ablation", ROOT / "bench" / "experiments" / "capacity_ablation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

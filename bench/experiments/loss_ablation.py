@@ -3,11 +3,11 @@
 Each arm is recipes/minilm-fast.yaml with its distillation shortened to ``--steps`` and the similarity loss at one
 weight of ``--weights`` (0 is the flagship's own loss mix: output + hidden + attention); everything else is the
 flagship's. Each is measured on bench/compare.py's three held-out samples, drawn exactly as in the run of
-bench/RESULTS.md (the WordNet slice; Python documentation and the held-out fortunes outside every text its six recipes
+bench/results/RESULTS.md (the WordNet slice; Python documentation and the held-out fortunes outside every text its six recipes
 calibrate or train on). Short distillations rank the arms; they do not reach the flagship's figures (28800 steps).
 The pass store is off unless BERTPRESS_PASS_STORE is set, so these builds do not evict a long distillation.
 
-    python bench/loss_ablation.py [--steps 800] [--weights 0 20] [--out-root out/loss-ablation] [--results bench/LOSSES.md]
+    python bench/experiments/loss_ablation.py [--steps 800] [--weights 0 20] [--out-root out/loss-ablation] [--results bench/experiments/results/LOSSES.md]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +34,7 @@ from compiler.compile import compile_recipe  # noqa: E402
 from compiler.recipe import load_recipe_text  # noqa: E402
 
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
-# The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, as that run's did.
+# The samples avoid what the recipes of bench/results/RESULTS.md's run calibrate and train on, as that run's did.
 RESULTS_RECIPES = compare.results_recipes()
 
 
@@ -54,9 +54,9 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 20.0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-root", type=Path, default=ROOT / "out" / "loss-ablation")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "LOSSES.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "experiments" / "results" / "LOSSES.md")
     args = parser.parse_args()
-    command = "python bench/loss_ablation.py " + " ".join(sys.argv[1:])
+    command = "python bench/experiments/loss_ablation.py " + " ".join(sys.argv[1:])
     import torch
     from transformers import AutoTokenizer
 
@@ -93,12 +93,12 @@ def main() -> None:
         print(f"[losses]   {json.dumps(row)}", flush=True)
 
     cpu = roofline.machine(args.threads).cpu
-    lines = ["# In-batch similarity loss, A/B on the flagship (written by bench/loss_ablation.py)", "",
+    lines = ["# In-batch similarity loss, A/B on the flagship (written by bench/experiments/loss_ablation.py)", "",
              f"Command: `{command}` ({cpu}, {args.threads} threads)", "",
              f"Each arm is recipes/minilm-fast.yaml with distill shortened to {args.steps} steps and the similarity loss"
              " (MSE between the teacher's and the student's in-batch matrices of pairwise cosines of the pooled"
              " embeddings) at the weight named; output, hidden and attention losses at 1 as in the flagship. Held-out"
-             " samples (never trained on), bench/RESULTS.md's (\"this run\" below: its recipes "
+             " samples (never trained on), bench/results/RESULTS.md's (\"this run\" below: its recipes "
              + ", ".join(RESULTS_RECIPES) + "): " + "; ".join(held_out.labels) + ".",
              "Compile seconds are each build's own (a rerun reuses an up-to-date build and reads them from its report).",
              "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled), as bench/compare.py."

@@ -5,7 +5,7 @@ does, and reports the pass's held-out check (mean-pooled cosine against the fp32
 pass never calibrated on: ``--heldout`` Python-documentation paragraphs and the same number of WordNet glosses, in
 two runs) and the tables' bytes from the cost model (what lowering writes).
 
-    python bench/embedding_precision.py [--heldout 256]
+    python bench/experiments/embedding_precision.py [--heldout 256]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = [

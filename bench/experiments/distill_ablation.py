@@ -1,6 +1,6 @@
 """Which parts of distillation pay: losses, training text and schedule, on MiniLM with 2 blocks dropped and 6 heads kept.
 
-Two stages, each written to bench/DISTILL.md as soon as it finishes:
+Two stages, each written to bench/experiments/results/DISTILL.md as soon as it finishes:
 
 1. ``bench/experiments/recipes/minilm-distill.yaml`` compiled end to end (it takes minutes, so this script is what compiles
    it): held-out cosine before and after the distill pass, from the compile report.
@@ -12,7 +12,7 @@ Two stages, each written to bench/DISTILL.md as soon as it finishes:
 Every run uses one intra-op thread: the 2 cores are shared with other jobs, and two threads thrashing
 against them made steps several times slower. Times are wall-clock and the load average is printed.
 
-    python bench/distill_ablation.py [--steps 100] [--skip-recipe] [--skip-ablation]
+    python bench/experiments/distill_ablation.py [--steps 100] [--skip-recipe] [--skip-ablation]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from compiler.calibration import CalibrationData, prepare_calibration  # noqa: E402
@@ -37,7 +37,7 @@ from compiler.pass_manager import StructureCache  # noqa: E402
 from compiler.validation import compare, hidden_states, run_batches  # noqa: E402
 
 RECIPE = ROOT / "bench" / "experiments" / "recipes" / "minilm-distill.yaml"
-OUT = ROOT / "bench" / "DISTILL.md"
+OUT = ROOT / "bench" / "experiments" / "results" / "DISTILL.md"
 
 # (label, training text, loss weights, extra options)
 RUNS = [
@@ -179,7 +179,7 @@ def stage_ablation(sections: dict, steps: int, only: list[int] | None) -> None:
 
 
 def write(sections: dict) -> None:
-    text = ["# Distillation results (written by bench/distill_ablation.py)", "",
+    text = ["# Distillation results (written by bench/experiments/distill_ablation.py)", "",
             f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), 2 shared CPU cores;"
             " load average = 1 / 5 / 15-minute.", ""]
     for key in ("recipe", "ablation"):

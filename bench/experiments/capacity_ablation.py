@@ -5,7 +5,7 @@ The flagship (recipes/minilm-fast.yaml) compresses MiniLM three ways before dist
 (the kind of text it distills on) but 0.929 on Python documentation and 0.907 on held-out fortunes. This script builds
 the flagship's structure and three variants that each undo one compression, every one with the same shortened
 distillation on the flagship's text, and measures each on bench/compare.py's three held-out samples (the same texts as
-bench/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
+bench/results/RESULTS.md), with its size and its speed against the plain fp32 export in one interleaved timing run. If
 undoing a compression closes the off-domain gap at equal training, that compression is what stands in the way; what it
 costs in speed or size is in the same table. One more variant (``--variants ... deep``) trades width for depth at the
 flagship's FLOPs: all 6 blocks, each with 8 heads and 640 FFN neurons (``deep256``: with rank256's word table). Three
@@ -25,28 +25,28 @@ show whether a variant's lead holds with more training or only reflects a head s
 BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored distillation. Builds are kept under
 --out-root and reused when their recipe text is unchanged (--fresh rebuilds), so an interrupted run resumes.
 
-    python bench/capacity_ablation.py [--steps 3000 1000] [--variants flagship blocks ffn table deep] [--rounds32 7]
-                                     [--results bench/CAPACITY.md]
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 1000 \
-        --variants flagship int4rows rank256 table4 --results bench/TABLES.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
-        --variants flagship int4rows rank256 vocab9 table4v9 --rounds32 9 --results bench/TABLES-3000.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
-        --variants flagship rank256 r256latin r192latin --rounds32 9 --results bench/LATIN-3000.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
-        --variants rank256 r256once r256all --rounds32 9 --results bench/ROWS-28800.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
-        --variants flagship rank256 --rounds32 15 --results bench/VNNI-3000.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
-        --variants r192latin --rounds32 15 --results bench/LATIN-28800.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
-        --variants deep --rounds32 15 --results bench/DEEP-28800.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
-        --variants deep256 --rounds32 15 --results bench/DEEP256-28800.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 28800 \
-        --variants deep256j --rounds32 15 --results bench/DEEP256J-28800.md
-    BERTPRESS_PASS_STORE=/tmp/store python bench/capacity_ablation.py --steps 3000 \
-        --variants deep256mid deep256ma --rounds32 9 --results bench/AUSTEN-3000.md
+    python bench/experiments/capacity_ablation.py [--steps 3000 1000] [--variants flagship blocks ffn table deep] [--rounds32 7]
+                                     [--results bench/experiments/results/CAPACITY.md]
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 1000 \
+        --variants flagship int4rows rank256 table4 --results bench/experiments/results/TABLES.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 3000 \
+        --variants flagship int4rows rank256 vocab9 table4v9 --rounds32 9 --results bench/experiments/results/TABLES-3000.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 3000 \
+        --variants flagship rank256 r256latin r192latin --rounds32 9 --results bench/experiments/results/LATIN-3000.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 28800 \
+        --variants rank256 r256once r256all --rounds32 9 --results bench/experiments/results/ROWS-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 3000 \
+        --variants flagship rank256 --rounds32 15 --results bench/experiments/results/VNNI-3000.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 28800 \
+        --variants r192latin --rounds32 15 --results bench/experiments/results/LATIN-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 28800 \
+        --variants deep --rounds32 15 --results bench/experiments/results/DEEP-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 28800 \
+        --variants deep256 --rounds32 15 --results bench/experiments/results/DEEP256-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 28800 \
+        --variants deep256j --rounds32 15 --results bench/experiments/results/DEEP256J-28800.md
+    BERTPRESS_PASS_STORE=/tmp/store python bench/experiments/capacity_ablation.py --steps 3000 \
+        --variants deep256mid deep256ma --rounds32 9 --results bench/experiments/results/AUSTEN-3000.md
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +74,7 @@ os.environ.setdefault("BERTPRESS_PASS_STORE", "off")
 import compare  # noqa: E402
 
 FLAGSHIP = ROOT / "recipes" / "minilm-fast.yaml"
-# The samples avoid what the recipes of bench/RESULTS.md's run calibrate and train on, so the figures sit beside it.
+# The samples avoid what the recipes of bench/results/RESULTS.md's run calibrate and train on, so the figures sit beside it.
 RESULTS_RECIPES = compare.results_recipes()
 
 
@@ -145,7 +145,7 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     "deep256lr25": deep256("deep256, peak learning rate 2.5e-4", {"lr": 2.5e-4}),
     # deep256 with its int4 word-table rows simulated while it distills (the int4 step before distill instead of last):
     # distill trains the table through the rounding (straight-through), as qat does the int8 linears. The int4 step
-    # after distill cost deep256j's build (bench/DEEP256J-28800.md) 0.0022 of the compile's held-out WordNet cosine
+    # after distill cost deep256j's build (bench/experiments/results/DEEP256J-28800.md) 0.0022 of the compile's held-out WordNet cosine
     # (0.9535 -> 0.9513).
     "deep256q": deep256("deep256, distilled through its int4 word-table rows", before="distill"),
     "deep256jq": deep256("deep256j, distilled through its int4 word-table rows", JARGON, before="distill"),
@@ -177,7 +177,7 @@ VARIANTS = {  # key -> (label, the flagship's passes it leaves out, {pass: optio
     "table4v9": int4_word_table("full word table in int4 rows (block 64), word pieces used 9 times or more", 64,
                                 leave_out=("low-rank",), changes={"prune-vocab": {"min_count": 9}}),
     # Length: distill cuts its texts at 64 tokens, and the flagship's held-out texts of 64 tokens or more score lowest
-    # (bench/fidelity_breakdown.py). len128 distills the flagship's structure on the same texts cut at 128.
+    # (bench/experiments/fidelity_breakdown.py). len128 distills the flagship's structure on the same texts cut at 128.
     "len128": ("flagship structure, distilled on texts up to 128 tokens", (), {"distill": {"max_length": 128}}, []),
     # Rows against rank, the other way: the vocabulary cut costs minilm-fast-r256 most off WordNet
     # (all 30,522 rows: docs 0.9307 -> 0.9367, fortunes 0.9124 -> 0.9160). Every Latin-alphabet row (27,734) fits
@@ -247,7 +247,7 @@ def build(key: str, steps: int, base: dict, out_root: Path, fresh: bool) -> dict
 
 
 def write_results(path: Path, rows: list[dict], context: dict) -> None:
-    lines = ["# What the flagship's compressions cost off its distillation text (written by bench/capacity_ablation.py)",
+    lines = ["# What the flagship's compressions cost off its distillation text (written by bench/experiments/capacity_ablation.py)",
              "", f"Command: `{context['command']}`", "", f"{context['environment']}. Load average before / after:"
              f" {context['load_before']} / {context['load_after']} (2 cores). Whole run {context['seconds'] / 60:.1f} min.", "",
              "Each variant is recipes/minilm-fast.yaml with its distillation shortened to the steps shown and the named"
@@ -255,7 +255,7 @@ def write_results(path: Path, rows: list[dict], context: dict) -> None:
              " pruned further; the int4-row variants: the word table stored by a last quantize-embeddings step in int4,"
              " the position and token-type tables in int8); everything else (text, losses, int8, vocabulary cut) as the"
              " flagship. Held-out"
-             " samples, the same as bench/RESULTS.md's: " + "; ".join(context["samples"]) + ".",
+             " samples, the same as bench/results/RESULTS.md's: " + "; ".join(context["samples"]) + ".",
              "Cells: mean cosine / top-10 neighbour overlap against PyTorch fp32 (mean-pooled). Speed: batch 32 x seq"
              f" 128, {context['threads']} threads, {context['rounds32']} interleaved rounds with the plain fp32 export"
              f" (median {context['plain_ms']:.0f} ms, {context['plain_bytes'] / 1e6:.1f} MB); 'smaller' against its"
@@ -288,9 +288,9 @@ def main() -> None:
     parser.add_argument("--rounds32", type=int, default=7)
     parser.add_argument("--fresh", action="store_true", help="rebuild even when a build of the same recipe text exists")
     parser.add_argument("--out-root", type=Path, default=ROOT / "out" / "capacity-ablation")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "CAPACITY.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "experiments" / "results" / "CAPACITY.md")
     args = parser.parse_args()
-    command = "python bench/capacity_ablation.py " + " ".join(sys.argv[1:])
+    command = "python bench/experiments/capacity_ablation.py " + " ".join(sys.argv[1:])
     if STORE_GIVEN:  # the store changes which builds distill and which replay: say it was on
         command = f"BERTPRESS_PASS_STORE={STORE_GIVEN} {command}"
     started = time.perf_counter()

@@ -6,7 +6,7 @@ embedding to the reference on held-out WordNet glosses (another domain, never ca
 fp32 and with int8 as quantize-linear simulates it in PyTorch (the ORT-lowered model is checked by
 the compile itself). Prints one table from one run.
 
-    python bench/prune_importance.py [--heads 8] [--ffn 1024] [--heldout 128] [--calibration-batches 8]
+    python bench/experiments/prune_importance.py [--heads 8] [--ffn 1024] [--heldout 128] [--calibration-batches 8]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from compiler.calibration import prepare_calibration  # noqa: E402
 from compiler.frontend import example_inputs, load_model, trace  # noqa: E402

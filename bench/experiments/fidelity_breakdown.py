@@ -6,7 +6,7 @@ cosine per length band (tokens under the original tokenizer, up to compare.py's 
 tokenizer splits into the same or into other word pieces than the original's (prune-vocab maps dropped pieces to
 shorter ones or [UNK]).
 
-    python bench/fidelity_breakdown.py out/minilm-fast [--source builtin:fortunes-heldout] [--recipes minilm-fast ...]
+    python bench/experiments/fidelity_breakdown.py out/minilm-fast [--source builtin:fortunes-heldout] [--recipes minilm-fast ...]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -8,7 +8,7 @@ each on the three held-out samples of bench/compare.py: the WordNet slice, Pytho
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). The pass store is
 off unless BERTPRESS_PASS_STORE is set, so these builds do not evict the flagship's stored distillation.
 
-    python bench/domain_ablation.py [--steps 1500] [--out-root out/domain-ablation] [--results bench/DOMAINS.md]
+    python bench/experiments/domain_ablation.py [--steps 1500] [--out-root out/domain-ablation] [--results bench/experiments/results/DOMAINS.md]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Four short distillations would evict longer ones (the flagship's) from the pass store, which keeps 8 entries.
@@ -71,9 +71,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-root", type=Path, default=ROOT / "out" / "domain-ablation")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "DOMAINS.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "experiments" / "results" / "DOMAINS.md")
     args = parser.parse_args()
-    command = "python bench/domain_ablation.py " + " ".join(sys.argv[1:])
+    command = "python bench/experiments/domain_ablation.py " + " ".join(sys.argv[1:])
     compare = _compare_module()
     import torch
     from transformers import AutoTokenizer
@@ -106,7 +106,7 @@ def main() -> None:
         rows.append(row)
         print(f"[domains]   {json.dumps(row)}", flush=True)
 
-    lines = ["# Distillation text vs kept heads (written by bench/domain_ablation.py)", "",
+    lines = ["# Distillation text vs kept heads (written by bench/experiments/domain_ablation.py)", "",
              f"Command: `{command}`", "",
              f"Each variant is recipes/minilm-fast.yaml with distill shortened to {args.steps} steps, its heads and its"
              " training text (distill and prune-vocab) as named; everything else as the flagship. Held-out samples"
