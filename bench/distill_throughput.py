@@ -1,4 +1,4 @@
-"""Distillation throughput on the flagship's student: one distill setting against another.
+"""Distillation throughput on a compressed MiniLM student: one distill setting against another.
 
 Builds the student of bench/experiments/recipes/minilm-fast-h12.yaml (MiniLM with 2 blocks dropped, 1024 FFN neurons kept and
 a rank-128 word table), then runs the same distillation (batch 16, max length 64, lr 5e-4, layer-wise +
@@ -6,10 +6,10 @@ attention losses, int8-aware) both ways, alternating, --repeats times each:
   * ``--compare bucket`` (default): random batches (`bucket: false`) against length-grouped ones (`bucket: true`);
   * ``--compare compile``: length-grouped batches in eager PyTorch against the same through torch.compile
     (`compile: true`); compile-time is in s/step and left out of the steady s/step (after the first 50 steps);
-  * ``--compare deterministic``: length-grouped, compiled batches with torch's deterministic algorithms off (as before
-    compiler.distillation.deterministic_kernels: Inductor's atomic scatter-adds) against on (what distill runs).
+  * ``--compare deterministic``: length-grouped, compiled batches with torch's deterministic algorithms off (Inductor's
+    atomic scatter-adds, see compiler.distillation.deterministic_kernels) against on (what distill runs).
 Prints seconds per step (median over repeats), the share of computed tokens that were padding,
-and held-out fidelity after training (the flagship's 256 held-out WordNet glosses, fp32 graph against
+and held-out fidelity after training (minilm-fast's 256 held-out WordNet glosses, fp32 graph against
 the original): a faster setting must buy speed, not lose fidelity. One run, ratios within it.
 
     python bench/distill_throughput.py [--compare bucket|compile|deterministic] [--steps 400] [--repeats 2] [--threads 2]
@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     loaded = load_model("builtin:minilm-l6")
-    # The flagship's calibration: 512 WordNet glosses to calibrate on, 256 held out (seed 0).
+    # minilm-fast's calibration: 512 WordNet glosses to calibrate on, 256 held out (seed 0).
     calibration = prepare_calibration(loaded.tokenizer, source="builtin:wordnet", samples=512, validation_samples=256,
                                       max_length=128, batch_size=16, seed=0, model_max_length=loaded.max_length)
     student = trace(loaded.model, example_inputs(loaded.tokenizer), max_length=loaded.max_length)
@@ -95,7 +95,7 @@ def main() -> None:
             print(f"  repeat {repeat + 1}: {labels[setting]:14s} {details['seconds_per_step']:.3f} s/step"
                   f" ({steady:.3f} steady), padding {details['padding_share']:.1%}, held-out cosine {cosine:.4f}", flush=True)
 
-    print(f"\nflagship student (cosine {before:.4f} before distillation), {args.steps} steps of 16 WordNet glosses,"
+    print(f"\nstudent (cosine {before:.4f} before distillation), {args.steps} steps of 16 WordNet glosses,"
           f" {args.threads} thread(s), {args.repeats} alternating repeats; load average before / after:"
           f" {[round(x, 1) for x in load_before]} / {[round(x, 1) for x in os.getloadavg()]};"
           f" whole run {time.perf_counter() - started:.0f} s")

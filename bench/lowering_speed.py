@@ -4,7 +4,7 @@ One run measures, at batch 32 / seq 128 with 2 intra-op threads, interleaved rep
   * plain   : fp32 dynamo export, no fusions, no quantization (the baseline),
   * int8    : lower_to_onnx(quantize=QuantizeSpec())  -- the model bertpress ships,
   * int8_skipln : the same with onnxscript's fused SkipLayerNormalization kept (skip_layer_norm=True), the
-              residual norms as the peer pipeline and earlier bertpress lowered them,
+              residual norms as the peer pipeline lowers them,
   * fused   : lower_to_onnx(quantize=None), fp32 with fusions (reference only),
 and the int8 model's mean-pooled cosine vs the PyTorch module on 64 held-out real sentences.
 

@@ -11,8 +11,8 @@ For each compiled output folder this runs its model.onnx both ways, in one proce
     (compiler.benchmark.rotating_rounds), as medians and the exact/default ratio.
 
 With ``--paired`` it also runs each model after compiler.lowering.pairing (the exact reordering of int8 weight
-rows that compiles since that lowering step do themselves; for outputs lowered before it) with the default kernel:
-its fidelity, and its latency in the same rounds.
+rows that a compile applies itself, so --paired is for outputs built without it, such as the split form) with the
+default kernel: its fidelity, and its latency in the same rounds.
 
 It also checks the kernel itself: one DynamicQuantizeMatMul whose neighbouring weights are large and of the same
 sign, against exact integer arithmetic (relative error 0 on a VNNI machine, large where the kernel saturates).
@@ -46,8 +46,8 @@ OPTION = "session.x64quantprecision"
 def with_own_zero_points(path: Path, tmp: Path) -> Path:
     """``path`` itself if no zero point feeds two integer ops; else a copy in ``tmp`` where each has its own.
 
-    Outputs lowered before compiler.lowering.io kept zero points apart share them, and the exact option refuses to
-    load those. The copy is numerically the same model.
+    The exact option refuses to load a model whose integer ops share a zero point (compiler.lowering.io keeps them
+    apart; an output folder from another lowering may not). The copy is numerically the same model.
     """
     import onnx_ir as ir
 
@@ -68,7 +68,7 @@ def with_own_zero_points(path: Path, tmp: Path) -> Path:
             copied += 1
     if not copied:
         return path
-    print(f"{path}: {copied} shared zero point(s) given their own copy for the exact option (lowered before the fix)")
+    print(f"{path}: {copied} shared zero point(s) given their own copy for the exact option")
     out = tmp / f"{path.parent.name}.onnx"
     ir.save(model, out)
     return out

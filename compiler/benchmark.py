@@ -63,9 +63,8 @@ def _feeds(sess, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # Pause before each timed run when several models are interleaved. ONNX Runtime's intra-op workers keep
-# spinning for a while after a run; on a 2-core machine the previous model's spinning workers steal the cores
-# from the next one (bench/compare.py timed the plain MiniLM export at batch 1 at 102 ms among 7 other sessions
-# without the pause, 40 ms with it). Spinning stays on: it is what a deployed session does.
+# spinning for a while after a run; on a machine with few cores the last model's spinning workers would steal
+# the cores from the next one and inflate its time. Spinning stays on: it is what a deployed session does.
 SETTLE_SECONDS = 0.2
 
 

@@ -133,9 +133,8 @@ def estimate(gm: GraphModule, *, batch: int, seq: int, component_of: dict | None
     are stored as sparse initializers (nonzeros + indices) when that is smaller; their FLOPs stay dense.
     ``int4_weights`` maps a weight to (block size, zero points): half a byte per element,
     a float16 scale and (with zero points) half a byte per block. Its linear is timed at the fp32
-    peak whatever its compute level: on the x86 machine this was built on (AVX-512 VNNI, ONNX Runtime 1.32)
-    ``python bench/matmul_kernels.py`` timed MatMulNBits at 1.1x the speed of fp32 MatMul (accuracy
-    level 4; level 0 about 1.0x) where int8 MatMulInteger ran at 3.5x.
+    peak whatever its compute level: on x86 CPUs ONNX Runtime's MatMulNBits runs at about fp32 MatMul's
+    speed at either accuracy level, well below int8 MatMulInteger (``python bench/matmul_kernels.py``).
     With a ``machine`` (see :func:`compiler.roofline.machine`) the cost includes a roofline latency.
     """
     int4_weights = int4_weights or {}

@@ -13,9 +13,9 @@ multiplies by) and lowering stores them as ONNX Runtime ``MatMulNBits`` (half a 
 a float16 scale and a 4-bit zero point per block). With ``compute: int8`` (default) ONNX Runtime multiplies with int8
 activations quantized per block of ``block_size`` (accuracy level 4); the pass simulates that
 rounding too. ``compute: fp32`` keeps activations in float (accuracy level 0, exact). int4 buys
-size, not speed, on x86: ``bench/matmul_kernels.py`` timed MatMulNBits at about fp32 speed at either
-level, where int8 MatMulInteger ran 3.5x faster (on an earlier machine with VNNI; on AVX2 without VNNI
-int8 GEMM is only about 1.8x fp32, see ``bertpress roofline``). A q/k/v
+size, not speed, on x86: MatMulNBits runs at about fp32 speed at either level, below int8
+MatMulInteger (``python bench/matmul_kernels.py`` times the three; ``bertpress roofline`` shows this CPU's
+int8 and fp32 peaks). A q/k/v
 projection in int4 keeps attention as MultiHeadAttention with separate q/k/v MatMuls, not QAttention.
 """
 

@@ -14,11 +14,10 @@ are rare, and rewrites the model. In a BERT encoder those are:
 
 The hidden stream (embeddings' LayerNorm, every residual Sum and LayerNorm; consumed by q/k/v and the first
 FFN MatMul of every layer) is one group too, but it ends in the model's output, whose order would have to
-be restored by an op on [batch, seq, hidden] at every run: a scratch micro-benchmark (not in bench/) put
-a Gather on the last axis at 7.7 ms at batch 32 and Transpose + Gather + Transpose at 3.6 ms (1.3% of the
-flagship), and pairing that group bought the flagship no fidelity (``bench/saturation.py --paired`` at commit
-c871858, which paired it: 0.9507 either way; minilm-int8 0.9926 against 0.9922). So groups that reach a
-graph output are left as they are.
+be restored by an op on [batch, seq, hidden] at every run (a Gather on the last axis, or Transpose + Gather +
+Transpose), which costs time at every batch, while pairing that group does not change held-out fidelity
+measurably (``bench/saturation.py --paired`` measures a pairing's fidelity). So groups that reach a graph
+output are left as they are.
 
 Groups are found by propagating through the ops our lowering emits (elementwise ops, LayerNormalization,
 DynamicQuantizeLinear, Cast, BiasGelu, Gather, the integer MatMuls); a group that reaches anything else (a
@@ -28,8 +27,8 @@ output channel of every consumer.
 
 The rewritten model computes the same integers: with ONNX Runtime's exact u8 x u8 option
 (``session.x64quantprecision=1``) its outputs equal the original's (``tests/test_pairing.py``, on a tiny model
-and on MiniLM); only the default kernel's saturation changes. Measured (``python bench/saturation.py
---paired``): on the flagship it recovers most of what saturation costs on this CPU.
+and on MiniLM); only the default kernel's saturation changes, which ``python bench/saturation.py --paired``
+measures on compiled outputs.
 """
 
 from __future__ import annotations

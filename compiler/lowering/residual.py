@@ -1,10 +1,9 @@
 """Residual + LayerNorm as `Sum` + `LayerNormalization`, not ORT's fused `SkipLayerNormalization`.
 
-Measured (`python bench/norm_kernels.py`): on this x86 CPU, ONNX Runtime's CPU kernel for the contrib op
-`SkipLayerNormalization` takes 2-3x the time of an ONNX `Sum` followed by the standard `LayerNormalization`
-on BERT's [32, 128, 384] activations (5.1 ms against 2.5 ms at 2 threads, 10.1 against 3.6 ms at 1 thread,
-in one run). A BERT layer has two of them; `python bench/lowering_speed.py` times the whole int8 MiniLM both
-ways (1.92x against 1.83x the plain fp32 export, in one run).
+On x86 CPUs, ONNX Runtime's CPU kernel for the contrib op `SkipLayerNormalization` is slower than an ONNX
+`Sum` followed by the standard `LayerNormalization` on BERT's activations (`python bench/norm_kernels.py`
+times both). A BERT layer has two of them; `python bench/lowering_speed.py` times the whole int8 MiniLM both
+ways.
 
 onnxscript's ort_fusions emit `SkipLayerNormalization(input, skip, gamma, beta, bias)`, and ONNX Runtime's
 own graph optimizer (level extended, on by default) fuses any `Add` -> `LayerNormalization` back into it
