@@ -76,9 +76,12 @@ def _progress_instrument(event: str, payload: dict) -> None:
             _bar.clear()
         rec = payload["record"]
         checks = rec.checks
-        detail = f"cosine {checks['cosine']:.4f}" if "cosine" in checks else ""
-        if "cosine_before" in checks:
-            detail = f"cosine {checks['cosine_before']:.4f} -> {checks['cosine']:.4f}"
+        # The budget's metric (a task model's agreement, spearman, ...); cosine for exact passes and encoders.
+        metric = (checks.get("budget") or {}).get("metric", "cosine")
+        metric = metric if metric in checks else "cosine"
+        detail = f"{metric} {checks[metric]:.4f}" if metric in checks else ""
+        if f"{metric}_before" in checks:
+            detail = f"{metric} {checks[f'{metric}_before']:.4f} -> {checks[metric]:.4f}"
         if "max_abs_error" in checks:
             detail += f", max-abs-error {checks['max_abs_error']:.1e}"
         reason = f": {rec.reason}" if rec.reason else ""
@@ -120,7 +123,8 @@ def cmd_compile(args) -> int:
         return result.exit_code
     final = report["final_check"]
     console.print(f"bertpress: wrote {out} ({report['outputs']['total_bytes'] / 1e6:.1f} MB) in {time.perf_counter() - started:.0f}s;"
-                  f" held-out cosine {final['cosine']:.4f} (budget >= {final['budget_min']})")
+                  f" held-out {final['budget_metric']} {final.get('budget_value', final['cosine']):.4f}"
+                  f" (budget {'<= ' + str(final['budget_max']) if final.get('budget_max') is not None else '>= ' + str(final['budget_min'])})")
     return 0
 
 

@@ -24,6 +24,7 @@ from .calibration import tokenize_batches
 from .simulation import (fake_quant_activation_uint8, fake_quant_weight_int8, is_simulated, is_straight_through,
                          round_weight_int8, straight_through)
 from .structure import BertStructure
+from .tasks import output_divergence
 from .validation import pool
 
 
@@ -97,7 +98,9 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
     """
     graph = Graph()
     mapping: dict[Node, Node] = {}
-    graph.graph_copy(gm.graph, mapping)
+    copied = graph.graph_copy(gm.graph, mapping)
+    # The graph's own outputs (a task model's logits; QA's start and end logits), for the logits loss.
+    outputs = [value for value in (copied if isinstance(copied, (tuple, list)) else (copied,)) if isinstance(value, Node)]
     if training:
         for node in list(graph.nodes):
             if is_simulated(node):
@@ -126,7 +129,7 @@ def build_probe(gm: GraphModule, structure: BertStructure, *, fake_quant_linears
         masks.append(mapping[mask] if isinstance(mask, Node) else None)
         scale = core.kwargs.get("scale") or 1.0 / math.sqrt(layer.attention.head_size)
         info.append(ProbeLayer(layer.attention.num_heads, float(scale)))
-    graph.output({"layers": layers, "queries": queries, "keys": keys, "masks": masks})
+    graph.output({"layers": layers, "queries": queries, "keys": keys, "masks": masks, "outputs": outputs})
     graph.lint()
     return GraphModule(gm, graph), info
 
@@ -178,6 +181,13 @@ def output_loss(teacher_last: torch.Tensor, student_last: torch.Tensor, token_ma
     if kind == "cosine":
         return (1.0 - torch.nn.functional.cosine_similarity(t, s, dim=-1)).mean()
     return (t - s).pow(2).mean()
+
+
+def logits_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], token_mask: torch.Tensor, task: str,
+                temperature: float) -> torch.Tensor:
+    """A task head's output loss (compiler.tasks.output_divergence) from the probe's graph outputs."""
+    t, s = (torch.stack(o[:2], dim=-1) if task == "question-answering" else o[0] for o in (teacher, student))
+    return output_divergence(t, s, token_mask, task, temperature)
 
 
 def similarity_loss(teacher_last: torch.Tensor, student_last: torch.Tensor, token_mask: torch.Tensor,

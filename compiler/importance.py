@@ -13,6 +13,10 @@ chosen nodes' outputs, so nothing in the graph is edited to measure it.
   (L is at its minimum), which is why the first-order score of the paper alone cannot rank heads
   here and the curvature term is needed; G_hh = E||d e / d xi_h||^2 (e = unit-norm pooled embedding)
   is estimated with random projections (Hutchinson), a few backward passes per batch.
+  A task model (a classifier, tagger, QA or reranker head) is scored on its head's output instead: the
+  expected KL increase of its label distributions, ``1/2 * F_hh`` with F the Fisher information of
+  the logits (estimated with labels sampled from the model's own predictions, v = onehot(y) - p);
+  for a num_labels-1 score, the Gauss-Newton curvature of its squared error.
 - ``entropy`` (heads): mean entropy of each head's attention distribution over real query tokens,
   recomputed from q, k and the mask; a diffuse (high-entropy) head is scored less important.
 - ``activation`` (FFN): mean |activation| of each neuron times the norm of its down-projection column.
@@ -29,6 +33,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from .graph_edit import get_tensor
 from .structure import BertStructure
+from .tasks import task_of_model
 from .validation import hidden_states, pool
 
 Hook = Callable[[Node, torch.Tensor, "Probe"], torch.Tensor]
@@ -151,6 +156,9 @@ def head_gradient(gm: GraphModule, structure: BertStructure, batches, reference:
         return out * masks[cores[node]].view(1, -1, 1, 1)
 
     probe = Probe(gm, {core: scale for core in cores})
+    task = task_of_model(reference)
+    if task != "feature-extraction":
+        return _head_fisher(probe, masks, batches, task, probes, seed)
     reference_run = hidden_states(reference)
     generator = torch.Generator().manual_seed(seed)
     first = [torch.zeros_like(m) for m in masks]
@@ -172,6 +180,35 @@ def head_gradient(gm: GraphModule, structure: BertStructure, batches, reference:
                     acc += g.pow(2) / probes
     # For L = 1 - cos on unit vectors, L = 1/2 ||e - t||^2, so its Gauss-Newton curvature is J^T J.
     return [(-f + 0.5 * c).detach() for f, c in zip(first, curvature)]
+
+
+def _head_fisher(probe: Probe, masks: list[torch.Tensor], batches, task: str, probes: int, seed: int) -> list[torch.Tensor]:
+    """Expected KL increase of a task head's output from masking each head (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    curvature = [torch.zeros_like(m) for m in masks]
+    for batch in batches:
+        with torch.enable_grad():
+            names = [n.name for n in probe.module.graph.nodes if n.op == "placeholder"]
+            out = probe.run(*[batch[name] for name in names])
+            logits = torch.stack(out[:2], dim=1) if task == "question-answering" else out[0]  # QA: [batch, 2, seq]
+            real = batch["attention_mask"].bool()
+            if task == "question-answering":
+                logits = logits.masked_fill(~real.unsqueeze(1), torch.finfo(logits.dtype).min)
+            for p in range(probes):
+                if logits.shape[-1] == 1:  # a single score: E_v[(v J)^2] = ||J||^2 with v ~ N(0, 1)
+                    v = torch.randn(logits.shape, generator=generator)
+                else:  # v = onehot(y) - p with y ~ p: E[v v^T] is the Fisher matrix of the softmax
+                    probs = torch.softmax(logits.detach(), dim=-1)
+                    flat = probs.reshape(-1, probs.shape[-1])
+                    drawn = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+                    v = (torch.nn.functional.one_hot(drawn, probs.shape[-1]).to(probs.dtype) - flat).reshape(probs.shape)
+                    if task == "token-classification":
+                        v = v * real.unsqueeze(-1)
+                    v = torch.nan_to_num(v)
+                projected = torch.autograd.grad((logits * v).sum(), masks, retain_graph=p < probes - 1)
+                for acc, g in zip(curvature, projected):
+                    acc += g.pow(2) / probes
+    return [(0.5 * c).detach() for c in curvature]
 
 
 def neuron_l1(gm: GraphModule, structure: BertStructure) -> list[torch.Tensor]:

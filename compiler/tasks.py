@@ -49,6 +49,12 @@ def head_of(architectures: list[str] | None) -> tuple[str | None, str | None]:
     return (None, architectures[0]) if architectures else ("feature-extraction", None)
 
 
+def task_of_model(module) -> str:
+    """The task of a loaded Hugging Face model (or its traced graph's reference) from its class name."""
+    task, _ = head_of([type(module).__name__])
+    return task or "feature-extraction"
+
+
 def resolve_task(config, requested: str | None, where: str) -> tuple[str, list[str]]:
     """The task to load ``config``'s checkpoint as, and notes for the report; a head that cannot be carried
     (or a requested head the checkpoint does not have) is a ModelError, never a silent drop."""
@@ -108,13 +114,13 @@ def check_metric(metric: str, task: str, labels: int | None, has_labels: bool, f
                 " budget.metric agreement.")
 
 
-def model_output(out) -> "torch.Tensor":
+def model_output(out) -> torch.Tensor:
     """One tensor from a model's output: hidden states, logits, or QA's start/end logits stacked [batch, seq, 2]."""
     import torch
 
     if isinstance(out, torch.Tensor):
         return out
-    if hasattr(out, "keys") and "start_logits" in out.keys():
+    if hasattr(out, "keys") and "start_logits" in out:
         return torch.stack([out["start_logits"], out["end_logits"]], dim=-1)
     return out[0]
 
@@ -125,9 +131,7 @@ def label_ids(labels: list, config) -> list:
     label2id.update({str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()})
 
     def one(value):
-        if isinstance(value, bool):
-            raise ValueError(f"label {value!r} is not a class id or name")
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return value
         if str(value) in label2id:
             return label2id[str(value)]
@@ -136,14 +140,42 @@ def label_ids(labels: list, config) -> list:
     return [[one(v) for v in value] if isinstance(value, list) else one(value) for value in labels]
 
 
-def _per_row(out: "torch.Tensor", mask: "torch.Tensor", task: str) -> "torch.Tensor":
+def output_divergence(teacher: torch.Tensor, student: torch.Tensor, token_mask: torch.Tensor, task: str,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """How far a task head's output is from the teacher's (differentiable; outputs as model_output gives them).
+
+    Temperature-scaled KL(teacher || student) of the label distributions times T^2 (Hinton et al. 2015): per text
+    (sequence classification), per real token (token classification), over the real positions of the answer's start
+    and of its end (QA); the squared error of a num_labels-1 regression or reranker score.
+    """
+    import torch
+
+    if task == "sequence-classification" and teacher.shape[-1] == 1:
+        return (teacher - student).pow(2).mean()
+
+    def kl(t, s):  # over the last axis, one value per row
+        t_log = torch.log_softmax(t / temperature, dim=-1)
+        s_log = torch.log_softmax(s / temperature, dim=-1)
+        return (t_log.exp() * (t_log - s_log)).sum(-1) * temperature ** 2
+
+    if task == "sequence-classification":
+        return kl(teacher, student).mean()
+    real = token_mask.bool()
+    if task == "token-classification":
+        return kl(teacher[real], student[real]).mean()
+    far = torch.finfo(teacher.dtype).min
+    padded = ~real.unsqueeze(-1)
+    return kl(teacher.masked_fill(padded, far).transpose(1, 2), student.masked_fill(padded, far).transpose(1, 2)).mean()
+
+
+def _per_row(out: torch.Tensor, mask: torch.Tensor, task: str) -> torch.Tensor:
     """A vector per text for cosine: the logits, or the token-level logits over real tokens (padding zeroed)."""
     if task == "sequence-classification":
         return out
     return (out * mask.unsqueeze(-1).to(out.dtype)).flatten(1)
 
 
-def _ranks(values: "torch.Tensor") -> "torch.Tensor":
+def _ranks(values: torch.Tensor) -> torch.Tensor:
     import torch
 
     order = values.argsort()
@@ -157,7 +189,7 @@ def _ranks(values: "torch.Tensor") -> "torch.Tensor":
     return ranks
 
 
-def spearman(a: "torch.Tensor", b: "torch.Tensor") -> float:
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     import torch
 
     ra, rb = _ranks(a.double()), _ranks(b.double())
@@ -166,7 +198,7 @@ def spearman(a: "torch.Tensor", b: "torch.Tensor") -> float:
     return float((ra * rb).sum()) / denominator if denominator > 0 else float(torch.equal(a, b))
 
 
-def macro_f1(predicted: "torch.Tensor", gold: "torch.Tensor", classes: int) -> float:
+def macro_f1(predicted: torch.Tensor, gold: torch.Tensor, classes: int) -> float:
     scores = []
     for c in range(classes):
         tp = int(((predicted == c) & (gold == c)).sum())
@@ -177,7 +209,7 @@ def macro_f1(predicted: "torch.Tensor", gold: "torch.Tensor", classes: int) -> f
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def task_metrics(reference: list["torch.Tensor"], candidate: list["torch.Tensor"], batches: list[dict], task: str,
+def task_metrics(reference: list[torch.Tensor], candidate: list[torch.Tensor], batches: list[dict], task: str,
                  labels: list | None = None) -> dict:
     """Every metric that fits ``task`` on held-out outputs (one tensor per batch, as model_output gives them).
 
@@ -220,7 +252,9 @@ def task_metrics(reference: list["torch.Tensor"], candidate: list["torch.Tensor"
         return metrics
     if task == "token-classification":
         width = max(p.shape[1] for p in ref_pred)
-        pad = lambda ts: torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts])  # noqa: E731
+        def pad(tensors):
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
         r, c, m = pad(ref_pred), pad(cand_pred), pad(real).bool()
         metrics["agreement"] = float((r == c)[m].double().mean())
         if labels is not None:

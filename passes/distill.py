@@ -13,7 +13,10 @@ place on unlabeled text, with weighted losses:
   attention op's query/key inputs (the fused op never materializes them); when heads were pruned
   both sides are averaged over heads;
 - similarity (off by default): MSE between teacher and student in-batch matrices of pairwise
-  cosines of the pooled embeddings, so neighbours stay neighbours.
+  cosines of the pooled embeddings, so neighbours stay neighbours;
+- logits (task models: a classifier, reranker, tagger or QA head): temperature-scaled KL between the
+  teacher's and the student's label distributions (MSE of a num_labels-1 score), TinyBERT's
+  prediction-layer loss; the teacher's logits are the targets, so it trains on unlabeled text.
 
 Needs: the structure analysis, the reference model (traced here once as the teacher), the
 tokenizer, and training text: the calibration texts, or ``texts``/``samples`` loaded with
@@ -38,7 +41,8 @@ from compiler.graph_edit import get_tensor, set_parameter
 from compiler.model_inputs import feed
 from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.structure import analyze
-from compiler.validation import hidden_states, pool
+from compiler.tasks import task_of_model
+from compiler.validation import pool
 from passes.options import DISTILL
 
 
@@ -79,6 +83,12 @@ class Distill(Pass):
         cfg = self.config
         seed = ctx.seed if cfg.seed is None else cfg.seed
         structure = ctx.structure(gm)
+        self._task = task_of_model(ctx.reference)
+        weights = cfg.losses
+        if self._task == "feature-extraction" and weights.logits and not any(
+                value for name, value in weights.model_dump().items() if name != "logits"):
+            raise self.refuse("only the logits loss has a weight, but this model has no task head (it is an encoder).",
+                              fix="give losses.output, hidden or attention a weight above 0.")
         teacher_gm = trace(ctx.reference, example_inputs(ctx.tokenizer),
                            max_length=int(getattr(ctx.model_config, "max_position_embeddings", 512)))
         teacher_structure = analyze(teacher_gm)
@@ -109,8 +119,11 @@ class Distill(Pass):
                                        for b in monitor_batches]
                 history = self._train(student, student_info, teacher, teacher_info, layer_map, stream, monitor_batches,
                                       monitor_targets, [p for n, p in gm.named_parameters() if n in trained], ctx)
-                # The plain graph: no probe, no simulated training ops.
-                graph = hidden_states(gm)
+                # The plain graph: no simulated training ops (a probe only for its last layer's output).
+                plain, _ = kd.build_probe(gm, structure)
+
+                def graph(b):
+                    return plain(**feed(plain, b))["layers"][-1]
                 history["monitor_cosine_graph"] = round(self._monitor_cosine(graph, monitor_batches, monitor_targets), 4)
             finally:
                 for name, param in gm.named_parameters():
@@ -230,6 +243,8 @@ class Distill(Pass):
             terms = {}
             if weights.output:
                 terms["output"] = kd.output_loss(t["layers"][-1], s["layers"][-1], mask, cfg.output_loss, cfg.pooling)
+            if weights.logits and self._task != "feature-extraction":
+                terms["logits"] = kd.logits_loss(t["outputs"], s["outputs"], mask, self._task, cfg.temperature)
             if weights.similarity:
                 terms["similarity"] = kd.similarity_loss(t["layers"][-1], s["layers"][-1], mask, cfg.pooling)
             if weights.hidden:

@@ -13,6 +13,7 @@ import torch
 
 from compiler.graph_edit import remove_dead_code
 from compiler.structure import analyze
+from compiler.tasks import output_divergence, task_of_model
 from compiler.validation import compare, hidden_states, run_batches
 from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from passes.options import LAYER_DROP
@@ -74,11 +75,20 @@ def bypass_layers(gm: torch.fx.GraphModule, structure, drop: list[int]) -> int:
 
 
 def choose_by_importance(gm: torch.fx.GraphModule, ctx: PassContext, count: int) -> tuple[list[int], list[dict]]:
-    """Greedy: repeatedly drop the remaining block whose removal keeps calibration cosine highest."""
+    """Greedy: repeatedly drop the remaining block whose removal keeps calibration cosine highest (a task model:
+    whose removal moves its head's output least, by KL of the label distributions; MSE of a num_labels-1 score)."""
     import copy
 
     batches = ctx.calibration.batches[:4]
     target = run_batches(hidden_states(gm), batches)
+    task = task_of_model(ctx.reference)
+
+    def score(outputs) -> float:
+        if task == "feature-extraction":
+            return compare(target, outputs, batches).cosine
+        return -sum(float(output_divergence(t, o, b["attention_mask"], task))
+                    for t, o, b in zip(target, outputs, batches)) / len(batches)
+
     dropped: list[int] = []
     steps = []
     for _ in range(count):
@@ -88,9 +98,10 @@ def choose_by_importance(gm: torch.fx.GraphModule, ctx: PassContext, count: int)
                 continue
             trial = copy.deepcopy(gm)
             bypass_layers(trial, analyze(trial), dropped + [index])
-            scores[index] = compare(target, run_batches(hidden_states(trial), batches), batches).cosine
+            scores[index] = score(run_batches(hidden_states(trial), batches))
         best = max(scores, key=scores.get)
         dropped.append(best)
-        steps.append({"dropped": best, "calibration_cosine": round(scores[best], 4),
+        measure = "calibration_cosine" if task == "feature-extraction" else "calibration_negative_divergence"
+        steps.append({"dropped": best, measure: round(scores[best], 4),
                       "candidates": {str(k): round(v, 4) for k, v in sorted(scores.items())}})
     return sorted(dropped), steps

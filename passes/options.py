@@ -266,6 +266,9 @@ class LossWeights(BaseModel):
     output: float = Field(1.0, ge=0.0, description="Weight of the pooled-embedding loss (see output_loss).")
     hidden: float = Field(1.0, ge=0.0, description="Weight of the per-layer hidden-state MSE (layer outputs, mapped by layer_map).")
     attention: float = Field(1.0, ge=0.0, description="Weight of the attention-distribution KL (teacher || student), mapped by layer_map.")
+    logits: float = Field(1.0, ge=0.0, description="Task models only (a classifier, tagger, QA or reranker head): weight of"
+                          " the head's output loss, temperature-scaled KL of the label distributions (MSE of a num_labels-1"
+                          " score). Trains on unlabeled text: the teacher's logits are the targets.")
     similarity: float = Field(0.0, ge=0.0, description="Weight of the in-batch similarity loss: MSE between the teacher's and the"
                               " student's matrices of pairwise cosines of the pooled embeddings (relational KD, Park et al."
                               " 2019). It trains what nearest-neighbour search reads: which texts are close to which.")
@@ -291,6 +294,7 @@ class DistillConfig(PassConfig):
     train: Literal["all", "no-embeddings"] = Field("all", description="Which parameters train; no-embeddings freezes the lookup tables and their layer norm.")
     losses: LossWeights = Field(LossWeights(), description="Weights of the output, hidden-state, attention and similarity losses.")
     output_loss: Literal["cosine", "mse"] = Field("cosine", description="Pooled-embedding loss: 1 - cosine, or MSE.")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softmax temperature of the logits loss (task models).")
     pooling: Literal["mean", "cls"] = Field("mean", description="How the sentence embedding is pooled (match the model's sentence-transformers config).")
     layer_map: Literal["uniform", "kept"] | list[int] = Field(
         "uniform",

@@ -200,5 +200,30 @@ def test_feature_extraction_task_compiles_a_classifiers_encoder_alone(tmp_path, 
     code, out = _compile(tmp_path, classifier_dir, extra="task: feature-extraction", budget="{metric: cosine, min: 0.9}")
     assert code == 0
     outputs, _ = _run(out, ["one text"])
-    assert list(outputs)[0] == "last_hidden_state"
+    assert next(iter(outputs)) == "last_hidden_state"
     assert json.loads((out / "report.json").read_text())["model"]["task_notes"]
+
+
+def test_distill_trains_a_classifier_on_its_logits(tmp_path, classifier_dir):
+    code, out = _compile(tmp_path, classifier_dir, budget="{metric: agreement, min: 0.05}", passes="""
+  - layer-drop: {layers: [1]}
+  - distill: {steps: 6, batch_size: 4, monitor_every: 3, texts: builtin, samples: 96, losses: {output: 0.0, hidden: 1.0, attention: 1.0, logits: 1.0}, on_fail: skip}
+""")
+    assert code == 0
+    distill = json.loads((out / "report.json").read_text())["passes"][1]
+    assert distill["details"]["curve"][-1]["logits"] >= 0.0
+    assert "agreement_before" in distill["checks"]
+
+
+@pytest.mark.parametrize("head, labels", [("BertForSequenceClassification", 3), ("BertForTokenClassification", 4),
+                                          ("BertForQuestionAnswering", 2)])
+def test_importance_passes_score_a_task_model_on_its_head(tmp_path, head, labels):
+    model = make_tiny_task_model(tmp_path / "model", head, num_labels=labels)
+    code, out = _compile(tmp_path, model, budget="{metric: agreement, min: 0.01}", passes="""
+  - prune-heads: {keep: 3, importance: gradient}
+  - layer-drop: {count: 1}
+""")
+    assert code == 0
+    heads, drop = json.loads((out / "report.json").read_text())["passes"]
+    assert heads["status"] == "applied" and drop["status"] == "applied"
+    assert "calibration_negative_divergence" in drop["details"]["importance"][0]
