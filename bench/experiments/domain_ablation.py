@@ -1,8 +1,9 @@
 """Which buys cross-domain fidelity: the distillation's text or the heads the structure keeps? A 2 x 2 on the flagship.
 
-The flagship (recipes/minilm-fast.yaml: 12 heads, distilled on WordNet + Python's docstrings) and its predecessor
-(recipes/minilm-fast-wordnet.yaml: 8 heads, WordNet alone) differ in two things at once. This script compiles the
-four combinations of {12 heads, 8 heads} x {WordNet + docstrings, WordNet alone} from the flagship recipe, each with
+bench/experiments/recipes/minilm-fast-wordnet-docstrings.yaml (12 heads, distilled on WordNet + Python's docstrings)
+and bench/experiments/recipes/minilm-fast-wordnet.yaml (8 heads, WordNet alone) differ in two things at once. This
+script compiles the four combinations of {12 heads, 8 heads} x {WordNet + docstrings, WordNet alone} from the flagship
+recipe (recipes/minilm-fast.yaml, its distillation and vocabulary texts replaced), each with
 the same shortened distillation (``--steps``; the text choice applies to distill and prune-vocab alike), and measures
 each on the three held-out samples of bench/compare.py: the WordNet slice, Python documentation, the fortunes.
 Short distillations rank the variants; they do not reach the flagship's figures (28800 steps). The pass store is
