@@ -33,11 +33,11 @@ def deterministic_kernels():
     """Run a distillation with torch's deterministic algorithms on (warn-only), and restore the caller's setting.
 
     Inductor writes the backward of an embedding lookup (an accumulating index_put) as a parallel scatter-add with
-    atomic adds, so on two or more threads a compiled distillation summed the tables' gradients in a different order
-    on every run: the same recipe built twice gave different weights (most likely why a 1000-step flagship, rebuilt,
-    moved held-out cosine by 0.0004). In deterministic mode Inductor hands that op to ATen's sorted implementation instead. Lowering reads the
-    flag when torch.compile first runs the graph, so the first call must happen inside this context. Eager training
-    was already deterministic and does not change.
+    atomic adds, so on two or more threads a compiled distillation would sum the tables' gradients in a different
+    order on every run: the same recipe built twice would give different weights (and held-out figures that move in
+    the fourth decimal). In deterministic mode Inductor hands that op to ATen's sorted implementation instead. Lowering
+    reads the flag when torch.compile first runs the graph, so the first call must happen inside this context. Eager
+    training is deterministic either way.
 
     Warn-only, because an op with no deterministic kernel (a plugin's, say) should not stop a build; but then rebuilds
     may differ. Yields a list that collects the names of such ops as torch warns about them (each warning is passed on

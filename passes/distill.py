@@ -137,8 +137,9 @@ class Distill(Pass):
                    # weights may differ from these.
                    "nondeterministic_ops": list(nondeterministic), **history}
         # The probe shares the graph's parameters, so the plain graph should score what the probe scored (less
-        # the simulated int8 under qat). A fused AdamW once left the probe's monitor at 0.875 and the graph at 0.005
-        # held out, and only the pass manager's held-out check saw it; this names the cause.
+        # the simulated int8 under qat). An optimizer that updates copies of the parameters (as a fused AdamW can)
+        # leaves the probe plausible and the graph untrained; this check names that cause instead of leaving the
+        # pass manager's held-out check to report only a low cosine.
         if history["monitor_cosine_graph"] < history["monitor_cosine_after"] - PROBE_GRAPH_GAP:
             raise RuntimeError(
                 f"the trained graph scores monitor cosine {history['monitor_cosine_graph']:.4f} but the training probe"
@@ -218,9 +219,9 @@ class Distill(Pass):
         weights = cfg.losses
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        # Not fused=True: on torch 2.13 CPU the fused AdamW trained the flagship's 8-head student to garbage (held-out
-        # cosine 0.07 against 0.84 for this loop after 150 steps; contiguous parameters did not help), though its
-        # monitor cosine looked plausible. foreach=True was correct but no faster (0.251 vs 0.240 s/step).
+        # Not fused=True: on torch 2.13 CPU the fused AdamW does not train a pruned student (held-out cosine stays near
+        # 0 while its monitor cosine looks plausible; contiguous parameters do not help). foreach=True is correct but
+        # no faster than this loop.
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=1e-6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, kd.lr_lambda(cfg.steps, cfg.warmup, cfg.schedule))
