@@ -137,9 +137,9 @@ class Distill(Pass):
                    # weights may differ from these.
                    "nondeterministic_ops": list(nondeterministic), **history}
         # The probe shares the graph's parameters, so the plain graph should score what the probe scored (less
-        # the simulated int8 under qat). An optimizer that updates copies of the parameters (as a fused AdamW can)
-        # leaves the probe plausible and the graph untrained; this check names that cause instead of leaving the
-        # pass manager's held-out check to report only a low cosine.
+        # the simulated int8 under qat). A training bug such as the fused AdamW's (see the optimizer below) leaves the
+        # probe's monitor plausible and the graph untrained; this check names that cause instead of leaving the pass
+        # manager's held-out check to report only a low cosine.
         if history["monitor_cosine_graph"] < history["monitor_cosine_after"] - PROBE_GRAPH_GAP:
             raise RuntimeError(
                 f"the trained graph scores monitor cosine {history['monitor_cosine_graph']:.4f} but the training probe"
