@@ -14,13 +14,14 @@ pair embeddings of the split form vs the joint model on this workload, plus the 
 WordNet-pair cosine before and after the distill step. Texts are real: passages from Python's
 documentation, the query a WordNet gloss.
 
-    python bench/rerank.py [--out build/rerank] [--repeats 20] [--force]
+    python bench/rerank.py [--out build/rerank] [--repeats 20] [--force] [--results bench/results/rerank.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,6 +37,8 @@ from compiler.compile import compile_recipe  # noqa: E402
 from compiler.frontend import example_inputs, load_model, trace  # noqa: E402
 from compiler.lowering import lower_to_onnx  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
+from compiler.report import environment  # noqa: E402
+from compiler.roofline import _cpu_name  # noqa: E402
 from compiler.runtime import session  # noqa: E402
 from compiler.split_runtime import SplitModel  # noqa: E402
 
@@ -71,6 +74,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "rerank")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--force", action="store_true", help="recompile the recipe even if it is up to date")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "rerank.json",
+                        help="where the figures are written (default bench/results/rerank.json)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -136,8 +141,11 @@ def main() -> None:
         "distill": {k: distill["details"].get(k) for k in ("steps", "seconds", "monitor_cosine_before", "monitor_cosine_after")},
         "split_check": report["lowering"]["split"]["check"],
         "compile_seconds": round(compile_seconds, 1), "up_to_date": compiled.up_to_date,
+        "command": "python bench/rerank.py " + " ".join(sys.argv[1:]),
+        "environment": {**environment(), "cpu": _cpu_name(), "load_average_after": [round(x, 1) for x in os.getloadavg()]},
     }
-    (args.out / "rerank.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"\nreranking 1x{query.shape[1]}-token query vs {n} cached {passages.shape[1]}-token passages, {THREADS} threads:"
           f" joint {joint_s * 1000:.1f} ms, split {split_s * 1000:.1f} ms (median of {args.repeats}) ->"

@@ -20,14 +20,18 @@ Round-to-nearest 4-bit costs too much fidelity; GPTQ rounding on calibration tex
 budget. ``--encoder-precision`` measures what round-to-nearest precisions would cost (simulated on the
 reference, embeddings untouched), for comparison.
 
-Usage: python bench/small_model.py [recipe.yaml] [--out DIR] [--encoder-precision]
+Prints its tables and writes them to --results (default bench/results/small-model.md).
+
+Usage: python bench/small_model.py [recipe.yaml] [--out DIR] [--results FILE] [--encoder-precision]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,9 +138,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "minilm-small.yaml"))
     parser.add_argument("--out", default=None, help="output folder (default: a temporary folder)")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "small-model.md",
+                        help="where the tables are written as well as printed (default bench/results/small-model.md)")
     parser.add_argument("--encoder-precision", action="store_true",
                         help="only measure the fidelity of lower encoder weight precisions (no compile)")
     args = parser.parse_args()
+    command = "python bench/small_model.py " + " ".join(sys.argv[1:])
     recipe = load_recipe(args.recipe)
     settings = recipe.file
     if args.encoder_precision:
@@ -176,29 +183,44 @@ def main() -> None:
     token_oov, word_unk = oov_rates(loaded, out, heldout)
     vocab_pass = next((p for p in result.report["passes"] if p["name"] == "prune-vocab"), None)
 
-    print(f"# {Path(args.recipe).name}: compiled in {compile_seconds:.0f} s -> {out}\n")
-    print("| folder | bytes | ratio to fp32 original |")
-    print("|---|---:|---:|")
-    print(f"| original Hugging Face folder ({loaded.path.name}) | {hf_folder:,} | {hf_folder / original:.3f} |")
-    print(f"| fp32 original (ONNX export + carried files) | {original:,} | 1.000 |")
-    print(f"| compiled output (all files) | {compiled:,} | {compiled / original:.4f} ({original / compiled:.2f}x smaller) |")
-    print()
-    print("| file in the output | bytes |")
-    print("|---|---:|")
+    lines: list[str] = []
+    lines.append(f"# {Path(args.recipe).name}: compiled in {compile_seconds:.0f} s -> {out}\n")
+    lines.append("| folder | bytes | ratio to fp32 original |")
+    lines.append("|---|---:|---:|")
+    lines.append(f"| original Hugging Face folder ({loaded.path.name}) | {hf_folder:,} | {hf_folder / original:.3f} |")
+    lines.append(f"| fp32 original (ONNX export + carried files) | {original:,} | 1.000 |")
+    lines.append(f"| compiled output (all files) | {compiled:,} | {compiled / original:.4f} ({original / compiled:.2f}x smaller) |")
+    lines.append("")
+    lines.append("| file in the output | bytes |")
+    lines.append("|---|---:|")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        print(f"| {path.relative_to(out)} | {path.stat().st_size:,} |")
-    print()
-    print("| held-out check (output tokenizer + ONNX Runtime vs reference) | texts | mean cosine | min cosine |")
-    print("|---|---:|---:|---:|")
-    print(f"| in-domain ({cal.texts}, held-out slice) | {len(heldout)} | {float(in_domain.mean()):.4f} | {float(in_domain.min()):.4f} |")
-    print(f"| other domain (WordNet glosses) | {len(glosses)} | {float(other.mean()):.4f} | {float(other.min()):.4f} |")
-    print()
+        lines.append(f"| {path.relative_to(out)} | {path.stat().st_size:,} |")
+    lines.append("")
+    lines.append("| held-out check (output tokenizer + ONNX Runtime vs reference) | texts | mean cosine | min cosine |")
+    lines.append("|---|---:|---:|---:|")
+    lines.append(f"| in-domain ({cal.texts}, held-out slice) | {len(heldout)} | {float(in_domain.mean()):.4f} | {float(in_domain.min()):.4f} |")
+    lines.append(f"| other domain (WordNet glosses) | {len(glosses)} | {float(other.mean()):.4f} | {float(other.min()):.4f} |")
+    lines.append("")
     if vocab_pass is not None:
         details = vocab_pass["details"]
-        print(f"tokens kept: {details['tokens_kept']:,} of {details['tokens_before']:,} "
-              f"(from {details['corpus_texts']:,} texts of {details['corpus']})")
-    print(f"held-out OOV: {token_oov:.2%} of tokens not in the kept vocabulary; {word_unk:.2%} of words become [UNK]")
-    print(f"compile's own final check: {result.report['final_check']}")
+        lines.append(f"tokens kept: {details['tokens_kept']:,} of {details['tokens_before']:,} "
+                     f"(from {details['corpus_texts']:,} texts of {details['corpus']})")
+    lines.append(f"held-out OOV: {token_oov:.2%} of tokens not in the kept vocabulary; {word_unk:.2%} of words become [UNK]")
+    lines.append(f"compile's own final check: {result.report['final_check']}")
+
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.results is not None:
+        from compiler.report import environment
+        from compiler.roofline import _cpu_name
+
+        env = environment()
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(f"# {Path(args.recipe).name}: size and held-out fidelity (written by bench/small_model.py)\n\n"
+                                f"Command: `{command}`; {_cpu_name()}, onnxruntime {env['onnxruntime']}, torch {env['torch']};"
+                                f" load average after: {[round(x, 1) for x in os.getloadavg()]}. The compile took"
+                                f" {compile_seconds:.0f} s.\n\n" + text.split("\n", 2)[2])
+        print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
