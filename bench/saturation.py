@@ -114,8 +114,9 @@ def main() -> None:
 
     for folder in args.folders:
         if not (folder / "model.onnx").is_file():
+            recipe = compare.known_recipes().get(folder.name)
             raise SystemExit(f"bench/saturation.py: {folder}/model.onnx does not exist; compile the recipe first "
-                             f"(bertpress compile recipes/{folder.name}.yaml).")
+                             f"(bertpress compile {compare._shown(recipe) if recipe else 'RECIPE'} --out {folder}).")
     loaded = compare.load_model(compare.MODEL)
     texts, label = compare.heldout_texts()
     reference = compare.embed(compare.torch_run(loaded.model.eval()), loaded.tokenizer, texts)
