@@ -240,8 +240,11 @@ def torch_run(model):
     return run
 
 
-def peer_pipeline(model, tokenizer, folder: Path) -> tuple[Path, dict]:
-    """Legacy TorchScript export -> ORT transformers optimizer (bert) -> quantize_dynamic int8 per-channel."""
+def peer_pipeline(model, tokenizer, folder: Path,
+                  outputs: tuple[str, ...] = ("last_hidden_state", "pooler_output")) -> tuple[Path, dict]:
+    """Legacy TorchScript export -> ORT transformers optimizer (bert) -> quantize_dynamic int8 per-channel.
+
+    ``outputs``: the model output fields exported (a classifier's ``("logits",)``)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
@@ -252,6 +255,8 @@ def peer_pipeline(model, tokenizer, folder: Path) -> tuple[Path, dict]:
     args = tuple(enc[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
     legacy = folder / "peer-legacy.onnx"
     axes = {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")}
+    if "logits" in outputs:
+        axes["logits"] = {0: "batch"}
     class ByName(torch.nn.Module):  # transformers 5's forward takes more positional args than the three inputs
         def __init__(self, inner):
             super().__init__()
@@ -259,7 +264,7 @@ def peer_pipeline(model, tokenizer, folder: Path) -> tuple[Path, dict]:
 
         def forward(self, input_ids, attention_mask, token_type_ids):
             out = self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-            return out.last_hidden_state, out.pooler_output
+            return tuple(getattr(out, name) for name in outputs)
 
     # The ORT optimizer's attention fusion matches the eager attention subgraph, not an exported SDPA.
     model = copy.deepcopy(model)
@@ -267,7 +272,7 @@ def peer_pipeline(model, tokenizer, folder: Path) -> tuple[Path, dict]:
     with quiet(), torch.no_grad():
         torch.onnx.export(ByName(model).eval(), args, str(legacy), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask", "token_type_ids"],
-                          output_names=["last_hidden_state", "pooler_output"], dynamic_axes=axes)
+                          output_names=list(outputs), dynamic_axes=axes)
         optimized = optimize_model(str(legacy), model_type="bert", num_heads=model.config.num_attention_heads,
                                    hidden_size=model.config.hidden_size)
         fused = folder / "peer-optimized.onnx"
