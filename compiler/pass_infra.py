@@ -78,6 +78,12 @@ class PassContext:
     # Long passes report progress (step=, total=, and what they track) here; the manager forwards it
     # to its instruments as a 'pass_progress' event, so a pass never draws anything itself.
     progress: Callable[..., None] = lambda **_: None
+    # The recipe's budget (compiler.recipe.Budget) and its metric measured for a graph on a few calibration batches
+    # against the reference, for a pass that sizes its rewrite to the budget (quantize-linear's fallback: auto).
+    # Calibration text, not held-out: the manager's check after the pass stays on text no decision saw. fidelity is
+    # None where it cannot be measured (after a pass changed the input interface) and outside a compile.
+    budget: Any = None
+    fidelity: Callable[[torch.fx.GraphModule], float] | None = None
 
     def structure(self, gm: torch.fx.GraphModule) -> "BertStructure":
         return self.structure_of(gm)

@@ -31,6 +31,8 @@ from .tasks import LOWER_IS_BETTER, label_ids
 from .validation import compare, hidden_states, run_batches
 
 EXACT_TOLERANCE = 1e-4
+# Calibration batches a pass that sizes itself to the budget measures on (PassContext.fidelity).
+CALIBRATION_CHECK_BATCHES = 4
 # A lossy pass that makes the estimated latency worse by more than this, without saving bytes, does not pay.
 LATENCY_SLACK = 0.02
 
@@ -102,6 +104,7 @@ class PassManager:
         # The roofline of the target's thread count: measured once per machine, then read from the user's cache.
         self.machine = roofline.machine(recipe.file.target.threads)
         self.reference_outputs = run_batches(hidden_states(reference), calibration.heldout_batches)
+        self._calibration_reference: list[torch.Tensor] | None = None  # computed when a pass first asks (fidelity)
 
     def emit(self, event: str, **payload) -> None:
         # Every event (a pass starting, each step of a long pass) is a safe point where a Ctrl-C
@@ -164,6 +167,30 @@ class PassManager:
             batches = [input_map.map_batch(batch) for batch in batches]
         return batches
 
+    def _calibration_fidelity(self, state: CompileState, record: PassRecord):
+        """The budget's metric of a graph on the first calibration batches, against the reference (PassContext.fidelity).
+
+        None after an input-interface change: the reference cannot read the renumbered batches."""
+        if state.input_maps:
+            return None
+        batches = self.calibration.batches[:CALIBRATION_CHECK_BATCHES]
+        metric = self.recipe.file.budget.metric
+
+        def measure(gm: torch.fx.GraphModule) -> float:
+            if self._calibration_reference is None:
+                self._calibration_reference = run_batches(hidden_states(self.reference), batches)
+            outputs = run_batches(hidden_states(gm), batches)
+            comparison = compare(self._calibration_reference, outputs, batches, self.pooling, task=self.task)
+            try:
+                return comparison.value(metric)
+            except KeyError:
+                raise PassRefused(f"the budget's metric {metric} needs labeled text, and calibration text has no labels,"
+                                  " so a pass cannot size itself to it.", field=f"passes[{record.index}].{record.name}",
+                                  fix="use a budget metric measured against the reference (cosine, agreement) or"
+                                      " remove the option that sizes the pass to the budget (fallback: auto).") from None
+
+        return measure
+
     def _context_data(self, state: CompileState) -> tuple[CalibrationData, object]:
         # Passes after an interface change calibrate on batches (and a tokenizer) that fit the graph they rewrite.
         if not state.input_maps:
@@ -209,7 +236,8 @@ class PassManager:
                           tokenizer=tokenizer, model_config=self.model_config,
                           lowering=copy.deepcopy(state.lowering), seed=self.recipe.file.calibration.seed,
                           base_dir=self.recipe.base_dir,
-                          progress=lambda **info: self.emit("pass_progress", name=instance.name, **info))
+                          progress=lambda **info: self.emit("pass_progress", name=instance.name, **info),
+                          budget=self.recipe.file.budget, fidelity=self._calibration_fidelity(state, record))
         key, replay = self._stored(instance, state, ctx, record)
         began = time.perf_counter()
         try:

@@ -58,6 +58,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         if (rec.get("store") or {}).get("action") == "replayed":
             status += f" (replayed from the pass store; running it took {rec['store']['original_seconds']:.0f} s)"
         lines.append(f"| {rec['index']} | {rec['name']} | {rec['kind']} | {status} | {cos} | {err} | {params} | {flops} | {rec['seconds']} |")
+    for rec in report["passes"]:
+        fallback = (rec.get("details") or {}).get("fallback")
+        if fallback and rec["status"] == "applied":  # quantize-linear's fallback: auto
+            kept = ", ".join(fallback["fp32_linears"]) or "none"
+            lines += ["", f"{rec['name']} (passes[{rec['index']}]) kept {len(fallback['fp32_linears'])} linears in fp32 to"
+                          f" keep the budget (fallback: auto; {fallback['metric']} on calibration text"
+                          f" {fallback['all_quantized']:.6f} all quantized, {fallback['with_fallback']:.6f} with them): {kept}."]
     lowering = report.get("lowering")
     if lowering:
         fusions = ", ".join(f"{k} x{v}" for k, v in sorted(lowering.get("fusions", {}).items())) or "none"

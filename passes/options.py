@@ -43,6 +43,16 @@ class QuantizeLinearConfig(PassConfig):
         default_factory=lambda: ["embeddings"],
         description=f"Parts kept in full precision: any of {list(EXCLUDABLE)} or layer indices.",
     )
+    fallback: Literal["auto"] | None = Field(
+        None, description="int8 only. auto: rank the linears by what quantizing each alone costs (the budget's metric on"
+        " a few calibration batches, against the reference), then keep in fp32, costliest first, the fewest that bring"
+        " the whole model back within the budget; the report lists them. Unset: every chosen linear is quantized.")
+
+    @model_validator(mode="after")
+    def _fallback_int8(self):
+        if self.fallback is not None and self.dtype != "int8":
+            raise ValueError(f"fallback applies to dtype int8 only, and this step has dtype {self.dtype}")
+        return self
 
     @model_validator(mode="after")
     def _int4_options(self):
@@ -58,7 +68,8 @@ class QuantizeLinearConfig(PassConfig):
 
     @model_serializer(mode="wrap")
     def _without_unused_int4_options(self, handler):
-        return {key: value for key, value in handler(self).items() if not (key in INT4_DEFAULTS and value is None)}
+        return {key: value for key, value in handler(self).items()
+                if not ((key in INT4_DEFAULTS or key == "fallback") and value is None)}
 
     @field_validator("exclude")
     @classmethod

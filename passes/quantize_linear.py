@@ -26,6 +26,7 @@ import torch
 from compiler import gptq as gptq_lib
 from compiler.graph_edit import get_tensor, set_parameter
 from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
+from compiler.tasks import LOWER_IS_BETTER
 from compiler.simulation import (fake_fp16, fake_quant_activation_blocks_int8, fake_quant_activation_uint8,
                                  fake_quant_table_int8, fake_quant_weight_int8, is_simulated)
 from passes.options import QUANTIZE_LINEAR
@@ -75,6 +76,11 @@ class QuantizeLinear(Pass):
 
         weight_op = fake_quant_weight_int8 if cfg.dtype == "int8" else fake_fp16
         act_op = fake_quant_activation_uint8 if cfg.dtype == "int8" else fake_fp16
+        fallback = None
+        if cfg.fallback == "auto":
+            fallen, fallback = self._fallback(gm, ctx, chosen, structure, quantize_tables="embeddings" not in exclude)
+            kept += [lin.module for lin in fallen]
+            chosen = [lin for lin in chosen if lin not in fallen]
         graph = gm.graph
         for lin in chosen:
             node = lin.node
@@ -101,7 +107,74 @@ class QuantizeLinear(Pass):
                    "embeddings_quantized": quantize_tables}
         if already_int4:
             details["kept_int4"] = sorted(lin.module for lin in already_int4)
+        if fallback is not None:
+            details["fallback"] = fallback
         return PassResult(gm, modified=bool(chosen) or quantize_tables, details=details, lowering=lowering)
+
+    def _fallback(self, gm: torch.fx.GraphModule, ctx: PassContext, chosen, structure, quantize_tables: bool):
+        """NNCF-style accuracy control: the fewest linears to keep in fp32 so that the budget holds.
+
+        Each weight (tied linears share one and go together) is quantized alone and costed by how much the budget's
+        metric drops on calibration batches; then everything is quantized and the costliest are put back to fp32,
+        one at a time, until the metric is within budget. The graph is left as it came; returns (linears kept in
+        fp32, what the report says).
+        """
+        if ctx.fidelity is None or ctx.budget is None:
+            raise self.refuse("fallback: auto measures the budget's metric against the reference on calibration text,"
+                              " which is not possible after a pass that changed the input interface (prune-vocab).",
+                              fix="put quantize-linear before prune-vocab, or remove fallback.")
+        budget = ctx.budget
+        lower_is_better = budget.metric in LOWER_IS_BETTER
+        graph = gm.graph
+        groups: dict[str, list] = {}
+        for lin in chosen:
+            groups.setdefault(lin.weight, []).append(lin)
+        tables = []
+        if quantize_tables:
+            for lookup in (structure.embeddings.word, structure.embeddings.position, structure.embeddings.token_type):
+                if lookup is not None:
+                    with graph.inserting_before(lookup):
+                        table = graph.call_function(fake_quant_table_int8, (lookup.args[0],))
+                    tables.append((lookup, lookup.args, [table]))
+                    lookup.args = (table, *lookup.args[1:])
+
+        def measure() -> float:
+            gm.recompile()
+            return float(ctx.fidelity(gm))
+
+        base = measure()
+        cost: dict[str, float] = {}
+        for step, (target, lins) in enumerate(groups.items()):
+            entries = [_simulate_int8(graph, lin) for lin in lins]
+            value = measure()
+            for entry in reversed(entries):
+                _undo(graph, entry)
+            cost[target] = (value - base) if lower_is_better else (base - value)
+            ctx.progress(step=step + 1, total=len(groups), what="linears ranked")
+        order = sorted(groups, key=lambda target: (-cost[target], target))
+        simulated = {target: [_simulate_int8(graph, lin) for lin in groups[target]] for target in order}
+        without = value = measure()
+        fallen: list[str] = []
+        for target in order:
+            if budget.passed(value):
+                break
+            for entry in reversed(simulated.pop(target)):
+                _undo(graph, entry)
+            fallen.append(target)
+            value = measure()
+        for entries in simulated.values():
+            for entry in reversed(entries):
+                _undo(graph, entry)
+        for entry in tables:
+            _undo(graph, entry)
+        gm.recompile()
+        modules = {target: sorted(lin.module for lin in groups[target]) for target in groups}
+        report = {"metric": budget.metric, "on": "calibration text",
+                  "all_quantized": round(without, 6), "with_fallback": round(value, 6),
+                  "budget_kept_on_calibration": budget.passed(value),
+                  "fp32_linears": [module for target in fallen for module in modules[target]],
+                  "cost_of_each": [[", ".join(modules[target]), round(cost[target], 6)] for target in order]}
+        return [lin for target in fallen for lin in groups[target]], report
 
     def _int4(self, gm: torch.fx.GraphModule, ctx: PassContext, chosen, kept: list[str]) -> PassResult:
         cfg = self.config
@@ -177,3 +250,21 @@ class QuantizeLinear(Pass):
                    "kept_full_precision": sorted(kept),
                    "calibration_batches": len(batches) if cfg.method == "gptq" else 0}
         return PassResult(gm, modified=bool(scales), details=details, lowering={"int4_weights": scales})
+
+
+def _simulate_int8(graph: torch.fx.Graph, lin) -> tuple:
+    """Put int8 simulation on one linear; returns what :func:`_undo` needs to take it off again."""
+    node = lin.node
+    with graph.inserting_before(node):
+        weight = graph.call_function(fake_quant_weight_int8, (node.args[1],))
+        act = graph.call_function(fake_quant_activation_uint8, (node.args[0],))
+    entry = (node, node.args, [act, weight])
+    node.args = (act, weight, *node.args[2:])
+    return entry
+
+
+def _undo(graph: torch.fx.Graph, entry: tuple) -> None:
+    node, args, added = entry
+    node.args = args
+    for inserted in added:
+        graph.erase_node(inserted)
