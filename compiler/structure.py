@@ -19,7 +19,7 @@ from .simulation import is_simulated
 aten = torch.ops.aten
 _PASSTHROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
-             aten._unsafe_view.default, aten.contiguous.default}
+             aten._unsafe_view.default, aten.contiguous.default, aten.clone.default}
 _ADDS = {aten.add.Tensor}
 _NORMS = {aten.layer_norm.default}
 # Marks the attention-mask nodes of layers that attend within one segment (decouple-attention adds them), so the
@@ -75,6 +75,10 @@ class Attention:
     head_size: int
     num_heads: int
     module: str
+    # DeBERTa's relative-position projections (rows per head, like query/key; the same weights when
+    # share_att_key) and the ops that turn them into the additive bias of ``core``.
+    position: list[Linear] = field(default_factory=list)
+    bias: list[Node] = field(default_factory=list)
 
 
 @dataclass
@@ -124,7 +128,7 @@ class BertStructure:
         found = []
         for layer in self.layers:
             a = layer.attention
-            found += [a.query, a.key, a.value, a.output, layer.ffn.up, layer.ffn.down]
+            found += [a.query, a.key, a.value, a.output, layer.ffn.up, layer.ffn.down, *a.position]
         if self.pooler is not None:
             found.append(self.pooler)
         if self.embeddings.projection is not None:
@@ -264,7 +268,34 @@ def _attention_block(core: Node, gm: GraphModule) -> tuple[Attention, Node, Node
         return None
     heads = int(_attr(gm, q.weight).shape[0]) // head_size
     prefix = _common_prefix([q.module, k.module, v.module])
-    return Attention(q, k, v, outs[0], core, head_size, heads, prefix), _skip_back(q.input, set()), outs[0].node
+    position, bias = _attention_bias(core, {q.node, k.node, v.node})
+    return Attention(q, k, v, outs[0], core, head_size, heads, prefix, position, bias), \
+        _skip_back(q.input, set()), outs[0].node
+
+
+def _attention_bias(core: Node, content: set[Node]) -> tuple[list[Linear], list[Node]]:
+    """The linears (other than q/k/v) that an attention's additive mask reads, and the ops between them and it.
+
+    BERT's mask is the padding mask alone: no linears. DeBERTa's adds content -> position and position -> content
+    terms computed from relative-position projections (compiler/disentangled_attention.py)."""
+    mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+    if not isinstance(mask, Node):
+        return [], []
+    linears, ops, seen, stack = [], [], set(), [mask]
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if _is_linear(node):
+            if node not in content:
+                found = _linear(node)
+                if found is not None:
+                    linears.append(found)
+            continue
+        ops.append(node)
+        stack.extend(node.all_input_nodes)
+    return sorted(linears, key=lambda lin: lin.node.name), ops if linears else []
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -376,6 +407,9 @@ def _embeddings(graph, placeholders, first_input: Node) -> Embeddings:
     token_type = next((n for n in lookups if n.args[1] is placeholders.get("token_type_ids")), None)
     position = next((n for n in lookups if n is not word and n is not token_type), None)
     output = _skip_back(first_input, _PASSTHROUGH)
+    if output.op == "call_function" and output.target == aten.mul.Tensor:  # DeBERTa zeroes padding: norm * mask
+        norms = [arg for arg in output.args if isinstance(arg, Node) and arg.target in _NORMS]
+        output = norms[0] if len(norms) == 1 else output
     projection = _linear(output)
     if projection is not None:  # factorized embeddings: the norm is on the E-wide sum, before the projection
         output = _skip_back(projection.input, _PASSTHROUGH)
@@ -398,9 +432,11 @@ def classify_nodes(gm: GraphModule, structure: BertStructure) -> dict[Node, str]
             component[node] = "embeddings"
     for layer in structure.layers:
         a = layer.attention
-        for lin in (a.query, a.key, a.value):
+        for lin in (a.query, a.key, a.value, *a.position):
             component[lin.node] = "linear-before-attention"
         component[a.core] = "attention-core"
+        for node in a.bias:
+            component[node] = "attention-core"
         component[a.output.node] = "linear-after-attention"
         component[layer.ffn.up.node] = "feed-forward"
         component[layer.ffn.act] = "feed-forward"

@@ -103,7 +103,7 @@ class LowRank(Pass):
             return [lin for layer in layers for lin in (layer.ffn.up, layer.ffn.down)]
         if cfg.target == "attention":
             a = [layer.attention for layer in layers]
-            return [lin for x in a for lin in (x.query, x.key, x.value, x.output)]
+            return [lin for x in a for lin in (x.query, x.key, x.value, x.output, *x.position)]
         if cfg.target == "all":  # the encoder's linears and the pooler, not a factorized embedding's projection
             return [lin for lin in structure.linears if lin is not structure.embeddings.projection]
         by_weight = {lin.weight: lin for lin in structure.linears}

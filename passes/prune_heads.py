@@ -93,7 +93,10 @@ class PruneHeads(Pass):
                 shift = out_weight[:, blocks] @ means[layer.index][removed].reshape(-1)
                 set_parameter(gm, a.output.bias, get_tensor(gm, a.output.bias).detach() + shift)
             rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in keep])
-            for lin in (a.query, a.key, a.value):
+            # DeBERTa's relative-position projections have rows per head too; with share_att_key they are query/key.
+            own = {a.query.weight, a.key.weight, a.value.weight}
+            position = list({p.weight: p for p in a.position if p.weight not in own}.values())
+            for lin in (a.query, a.key, a.value, *position):
                 slice_parameter(gm, lin.weight, 0, rows)
                 if lin.bias is not None:
                     slice_parameter(gm, lin.bias, 0, rows)
@@ -143,7 +146,7 @@ def _tied_groups(pass_: Pass, structure) -> list[list[int]]:
     group_of = {i: tuple(group) for group in groups for i in group}
     for layer in structure.layers:
         a = layer.attention
-        for lin in (a.query, a.key, a.value, a.output):
+        for lin in (a.query, a.key, a.value, a.output, *a.position):
             if lin.factor is not None:
                 raise pass_.refuse(f"{lin.weight} is factorized (low-rank); its rows no longer map to heads.",
                                    fix="run prune-heads before low-rank.")

@@ -52,12 +52,35 @@ ACCEPTANCE = """  - layer-drop: {layers: [1]}
   - quantize-linear: {dtype: int8}"""
 
 
-@pytest.mark.parametrize("member", ["distilbert", "albert"])
+@pytest.mark.parametrize("member", ["distilbert", "albert", "deberta-v2"])
 def test_member_compiles_with_layer_drop_prune_heads_and_int8_within_budget(member, family, tmp_path):
     code, out = compile_member(tmp_path, family(member), ACCEPTANCE, budget=0.9)
     report = json.loads((out / "report.json").read_text())
     assert code == 0 and report["final_check"]["passed"]
     assert [layer["heads"] for layer in report["model"]["structure_after"]["layers"]] == [3, 3, 3]
+    unfused = [note for note in report["lowering"]["notes"] if "attention_bias" in note]
+    assert bool(unfused) == (member == "deberta-v2")  # DeBERTa's relative-position terms run outside the fused kernel
+    assert not unfused or "GatherND x6" in unfused[0]  # c2p and p2c in each of the 3 layers
+
+
+def test_deberta_traces_as_one_sdpa_per_layer_equal_to_transformers_eager_attention(family):
+    from compiler.frontend import example_inputs, load_model, trace
+    from compiler.structure import analyze
+    from compiler.validation import hidden_states
+
+    loaded = load_model(str(family("deberta-v2")))
+    batch = example_inputs(loaded.tokenizer)
+    batch["attention_mask"][1, 9:] = 0
+    gm = trace(loaded.model, batch, max_length=loaded.max_length)
+    structure = analyze(gm)
+    assert len(structure.layers) == 4
+    # share_att_key: the relative-position projections are query_proj and key_proj applied to the position table
+    position = structure.layers[0].attention.position
+    assert sorted(lin.weight.rsplit(".", 2)[-2] for lin in position) == ["key_proj", "query_proj"]
+    real = batch["attention_mask"].bool()
+    difference = hidden_states(gm)(batch) - hidden_states(loaded.model)(batch)  # the reference runs eager attention
+    assert float(difference[real].abs().max()) < 1e-5
+    assert "forward" not in vars(loaded.model.encoder.layer[0].attention.self)  # the reference keeps its own
 
 
 def test_albert_is_one_shared_layer_repeated_behind_an_embedding_projection(family):

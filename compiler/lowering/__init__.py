@@ -14,6 +14,7 @@ import onnx_ir.passes.common as common_passes
 import torch
 
 from . import verify
+from .attention_bias import attention_bias_note
 from .embed import fuse_embed_layer_norm
 from .export import export_ir, export_onnx
 from .fusions import fused_op_counts, op_counts, run_ort_fusions
@@ -152,6 +153,9 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
         notes=notes,
         fp32_max_abs_error=error,
     )
+    bias_note = attention_bias_note(result_model)
+    if bias_note:
+        result.notes.append(bias_note)
     if quantize is not None or fp16 or int4:
         cos = verify.pooled_cosine(verify.ort_outputs(final, check_inputs), reference, mask)
         result.lowered_min_cosine = float(cos.min())
@@ -167,7 +171,8 @@ def lower_to_onnx(module: torch.nn.Module, example_inputs: dict[str, torch.Tenso
                                     "(excluded, or not in QAttention form)")
             if result.op_counts.get("MultiHeadAttention"):
                 result.notes.append(f"quantize: {result.op_counts['MultiHeadAttention']} layer(s) use MultiHeadAttention "
-                                    "(q/k/v not packable, e.g. low-rank); their q/k/v MatMuls are quantized separately")
+                                    "(q/k/v not packable: low-rank, or an attention bias QAttention cannot take);"
+                                    " their q/k/v MatMuls are quantized separately")
     return result
 
 
