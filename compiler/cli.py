@@ -221,7 +221,8 @@ def cmd_tune(args) -> int:
                   f" {summary['compiles']} compiles ({summary['compiled_this_run']} in this run) in {summary['seconds']:.0f} s;"
                   f" frontier in {out / 'frontier.json'} and {out / 'frontier.png'}", markup=False)
     if outcome.exit_code:
-        console.print(f"bertpress: no candidate kept the budget ({summary['budget']['metric']} >= {summary['budget']['min']})."
+        bound = ", ".join(f"{key} {value}" for key, value in summary["budget"].items())
+        console.print(f"bertpress: no candidate kept the budget ({bound})."
                       " Fix: relax budget.min, or search gentler options (or a longer distill).", markup=False)
         return outcome.exit_code
     record = summary["best"]["record"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from .search import objective_value
 
 
-def frontier(records: list[dict], objective: str, margin: float) -> tuple[list[dict], list[dict]]:
+def frontier(records: list[dict], objective: str, margin: float, lower_is_better: bool = False) -> tuple[list[dict], list[dict]]:
     """(Pareto points sorted by objective, contenders). A point is on the front when no other contender is at
     least as good on both axes and better on one."""
     compiled = [r for r in records if r["status"] in ("ok", "check_failed") and r.get("fidelity") is not None
@@ -22,9 +22,10 @@ def frontier(records: list[dict], objective: str, margin: float) -> tuple[list[d
     if within:  # what any executor compiles: all candidates estimated at most (1 + margin) times the cheapest within
         ceiling = min(within) * (1 + margin)
         contenders = [r for r in compiled if r.get(estimate) is None or r[estimate] <= ceiling]
+    sign = -1.0 if lower_is_better else 1.0  # fidelity * sign: higher is better
     points = []
-    for record in sorted(contenders, key=lambda r: (objective_value(r, objective), -r["fidelity"], r["key"])):
-        if not points or record["fidelity"] > points[-1]["fidelity"]:
+    for record in sorted(contenders, key=lambda r: (objective_value(r, objective), -sign * r["fidelity"], r["key"])):
+        if not points or sign * record["fidelity"] > sign * points[-1]["fidelity"]:
             points.append({"key": record["key"], "options": record["options"], "objective": objective_value(record, objective),
                            "fidelity": record["fidelity"], "meets_budget": bool(record.get("meets_budget")),
                            "measured_latency_ms": record.get("measured_latency_ms"), "size_bytes": record.get("size_bytes"),
@@ -32,7 +33,8 @@ def frontier(records: list[dict], objective: str, margin: float) -> tuple[list[d
     return points, contenders
 
 
-def plot(records: list[dict], points: list[dict], objective: str, budget_min: float, best: dict | None, path: Path) -> Path:
+def plot(records: list[dict], points: list[dict], objective: str, bound: float, lower_is_better: bool, best: dict | None,
+         path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,7 +52,7 @@ def plot(records: list[dict], points: list[dict], objective: str, budget_min: fl
     if points:
         axes.step([p["objective"] * scale for p in points], [p["fidelity"] for p in points], where="post",
                   c="tab:orange", label="Pareto front")
-    axes.axhline(budget_min, c="tab:red", ls="--", lw=1, label=f"budget {budget_min}")
+    axes.axhline(bound, c="tab:red", ls="--", lw=1, label=f"budget {'<=' if lower_is_better else '>='} {bound}")
     if best is not None:
         axes.scatter([objective_value(best, objective) * scale], [best["fidelity"]], marker="*", s=220, c="tab:green",
                      zorder=5, label="best")

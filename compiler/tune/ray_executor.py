@@ -35,7 +35,8 @@ def _trainable(config: dict) -> None:
 
     for rung, spec in enumerate(config["specs"]):
         result = run_trial(spec)
-        tune.report({"score": score(result, config["objective"]), RUNG: rung + 1, "record": json.dumps(result)})
+        tune.report({"score": score(result, config["objective"], config["bound"], config["lower_is_better"]), RUNG: rung + 1,
+                     "record": json.dumps(result)})
         if result["status"] != "ok":
             return
 
@@ -81,7 +82,8 @@ def _searcher_class():
             self.live[trial_id] = pending
             search.emit("start", pending=pending, done=search.done_count(), total=search.planned, steps=search.rungs[0])
             return {"specs": [search.spec(pending.candidate, rung) for rung in range(len(search.rungs))],
-                    "objective": search.tune.objective, "sys_path": self.sys_path}
+                    "objective": search.tune.objective, "bound": search.bound, "lower_is_better": search.lower_is_better,
+                    "sys_path": self.sys_path}
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             pending = self.live[trial_id]

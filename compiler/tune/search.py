@@ -38,14 +38,19 @@ def candidate_key(options: dict, steps: int | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def score(record: dict, objective: str) -> float:
+def shortfall(fidelity: float, bound: float, lower_is_better: bool) -> float:
+    """How far a fidelity figure is on the wrong side of the budget's bound (<= 0: within it)."""
+    return fidelity - bound if lower_is_better else bound - fidelity
+
+
+def score(record: dict, objective: str, bound: float, lower_is_better: bool = False) -> float:
     """One number per result, higher is better: any candidate within budget (the faster or smaller, the higher)
     above any that is not (the closer to the budget, the higher). Successive halving and ASHA rank by it."""
     value = objective_value(record, objective)
     if record.get("meets_budget") and value is not None:
         return 1.0 + 1.0 / (1.0 + float(value))
     fidelity = record.get("fidelity")
-    return float(fidelity) - 1.0 if fidelity is not None else -2.0
+    return -1.0 - max(shortfall(float(fidelity), bound, lower_is_better), 0.0) if fidelity is not None else -1e9
 
 
 def objective_value(record: dict, objective: str) -> float | None:
@@ -128,7 +133,7 @@ class _Proposer:
             self.asked += 1
             yield candidate, trial
 
-    def tell(self, handle, record: dict, objective: str, budget_min: float) -> None:
+    def tell(self, handle, record: dict, objective: str, bound: float, lower_is_better: bool) -> None:
         if handle is None:
             return
         import optuna
@@ -142,7 +147,7 @@ class _Proposer:
         else:
             value = objective_value(record, objective)
             fidelity = record.get("fidelity")
-            handle.set_user_attr("constraint", ((budget_min - fidelity) if fidelity is not None else 1.0,))
+            handle.set_user_attr("constraint", (shortfall(fidelity, bound, lower_is_better) if fidelity is not None else 1.0,))
         if value is None:
             self.study.tell(handle, state=optuna.trial.TrialState.FAIL)
         else:
@@ -162,7 +167,12 @@ class Search:
         self.env = trial_env()
         if store is not None:
             self.env["BERTPRESS_PASS_STORE"] = str(Path(store).resolve())
-        self.budget_min = float((space.data.get("budget") or {}).get("min", 0.98))
+        from ..tasks import LOWER_IS_BETTER
+
+        budget = space.data.get("budget") or {}
+        self.metric = budget.get("metric", "cosine")
+        self.lower_is_better = self.metric in LOWER_IS_BETTER
+        self.bound = float(budget["max"] if self.lower_is_better else budget.get("min", 0.98))
         self._kept: str | None = None  # key of the trial whose whole output is kept (the best so far)
         self._prepare(resume)
         self._screen = None
@@ -304,7 +314,7 @@ class Search:
     def later_rung(self, rung: int) -> Iterator[Pending]:
         """Successive halving: the best 1/eta of the last rung's compiled candidates, with more distill steps."""
         ranked = [(c, r) for (c, n), r in self.results.items() if n == rung - 1 and r["status"] in ("ok", "check_failed")]
-        ranked.sort(key=lambda item: (-score(item[1], self.tune.objective), item[0].picks))
+        ranked.sort(key=lambda item: (-score(item[1], self.tune.objective, self.bound, self.lower_is_better), item[0].picks))
         keep = math.ceil(len(ranked) / self.tune.eta) if ranked else 0
         promoted = sorted((c for c, _ in ranked[:keep]),
                           key=lambda c: (self.estimate(c).objective(self.tune.objective) or 0.0, c.picks))
@@ -343,7 +353,7 @@ class Search:
             if value is not None:
                 self.best_estimate[rung] = min(self.best_estimate.get(rung, math.inf), value)
         if rung == 0 and self.proposer is not None:
-            self.proposer.tell(handle, record, self.tune.objective, self.budget_min)
+            self.proposer.tell(handle, record, self.tune.objective, self.bound, self.lower_is_better)
         self._tidy(record)
         self.emit("trial", record=record, done=self.done_count(), total=self.planned, best=self.best_record())
 
@@ -365,7 +375,8 @@ class Search:
                   and objective_value(r, self.tune.objective) is not None]
         if not within:
             return None
-        return min(within, key=lambda r: (objective_value(r, self.tune.objective), -(r.get("fidelity") or 0), r["key"]))
+        sign = 1 if self.lower_is_better else -1
+        return min(within, key=lambda r: (objective_value(r, self.tune.objective), sign * (r.get("fidelity") or 0), r["key"]))
 
     def _tidy(self, record: dict) -> None:
         """Keep the whole output of the best trial only; the others keep their report."""
@@ -385,7 +396,7 @@ class Search:
 
         self._trials_file.close()
         records = self.final_records()
-        points, contenders = frontier(records, self.tune.objective, self.tune.margin)
+        points, contenders = frontier(records, self.tune.objective, self.tune.margin, self.lower_is_better)
         best = self.best_record()
         statuses: dict[str, int] = {}
         for record in records:
@@ -393,7 +404,7 @@ class Search:
         summary = {
             "recipe": self.space.file, "objective": self.tune.objective, "strategy": self.tune.strategy,
             "executor": self.executor, "batch": self.tune.batch, "seq": self.tune.seq,
-            "budget": {"metric": (self.space.data.get("budget") or {}).get("metric", "cosine"), "min": self.budget_min},
+            "budget": {"metric": self.metric, "max" if self.lower_is_better else "min": self.bound},
             "candidates": self.space.size, "considered": len(records), "statuses": statuses,
             "compiles": sum(1 for r in self.results.values() if r["status"] in ("ok", "check_failed")),
             "compiled_this_run": self.compiled, "reused_from_previous_run": self.reused,
@@ -403,14 +414,14 @@ class Search:
             "seconds": round(time.monotonic() - self.started, 1),
         }
         (self.out / "frontier.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-        plot(records, points, self.tune.objective, self.budget_min, best, self.out / "frontier.png")
+        plot(records, points, self.tune.objective, self.bound, self.lower_is_better, best, self.out / "frontier.png")
         if best is None:
             return Outcome(1, summary)
         candidate = next(c for (c, n), r in self.results.items() if r is best)
         text = recipe_text(self.recipe_data(candidate, len(self.rungs) - 1))
         header = (f"# bertpress tune: the best of {summary['considered']} candidates of {self.space.file}"
                   f" ({self.tune.objective} at batch {self.tune.batch} x seq {self.tune.seq}, budget"
-                  f" {summary['budget']['metric']} >= {self.budget_min}); frontier.json has the rest.\n")
+                  f" {self.metric} {'<=' if self.lower_is_better else '>='} {self.bound}); frontier.json has the rest.\n")
         (self.out / "best.yaml").write_text(header + text, encoding="utf-8")
         trial_dir = self.out / "trials" / best["key"]
         if (trial_dir / "model.onnx").is_file():
