@@ -13,7 +13,7 @@ name), and finetune.json (settings, seconds, held-out accuracy of the PyTorch mo
 
     OMP_NUM_THREADS=2 python bench/make_classifier.py [--out out/minilm-supersense] [--epochs 1] [--threads 2]
 
-250 steps of 32 glosses: about 5 minutes on 2 idle cores.
+finetune.json records the steps and the seconds they took.
 """
 
 from __future__ import annotations

@@ -227,3 +227,34 @@ def test_importance_passes_score_a_task_model_on_its_head(tmp_path, head, labels
     heads, drop = json.loads((out / "report.json").read_text())["passes"]
     assert heads["status"] == "applied" and drop["status"] == "applied"
     assert "calibration_negative_divergence" in drop["details"]["importance"][0]
+
+
+def test_cross_encoder_distills_on_sentence_pairs(tmp_path):
+    model = make_tiny_task_model(tmp_path / "reranker", "BertForSequenceClassification", num_labels=1)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in python_docs_pairs()[:120]))
+    code, out = _compile(tmp_path, model, texts=str(pairs), budget="{metric: spearman, min: 0.05}", passes="""
+  - layer-drop: {layers: [1]}
+  - distill: {steps: 4, batch_size: 4, monitor_every: 2, texts: pairs.jsonl, samples: 100, on_fail: skip}
+""")
+    assert code == 0
+    distill = json.loads((out / "report.json").read_text())["passes"][1]
+    assert distill["details"]["training_texts"] > 0 and "spearman_before" in distill["checks"]
+    assert distill["details"]["curve"][-1]["logits"] >= 0.0
+
+
+def test_per_token_labels_give_a_taggers_accuracy(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = make_tiny_task_model(tmp_path / "tagger", "BertForTokenClassification", num_labels=4)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lines = []
+    for text in python_docs_texts()[:40]:
+        n = len(tokenizer(text, truncation=True, max_length=32)["input_ids"])
+        lines.append(json.dumps({"text": text, "labels": [-100] + [i % 4 for i in range(n - 2)] + [-100]}) + "\n")
+    texts = tmp_path / "tagged.jsonl"
+    texts.write_text("".join(lines))
+    code, out = _compile(tmp_path, model, texts=str(texts), budget="{metric: accuracy, min: 0.01}")
+    assert code == 0
+    metrics = json.loads((out / "report.json").read_text())["final_check"]["metrics"]
+    assert metrics["accuracy"] == metrics["reference_accuracy"] and 0.0 < metrics["accuracy"] < 1.0
