@@ -21,9 +21,11 @@ class PassConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    on_fail: Literal["stop", "skip"] = Field(
+    on_fail: Literal["stop", "skip", "defer"] = Field(
         "stop",
-        description="What the compile does if this pass breaks its check: stop with exit code 1, or roll it back and go on.",
+        description="What the compile does if this pass breaks its check: stop with exit code 1, or roll it back and go on."
+        " defer: a lossy pass that breaks only the fidelity budget is kept when a healing pass (distill) comes later; that"
+        " pass and the final check must bring the model back within budget (any other failure stops).",
     )
 
 

@@ -210,3 +210,28 @@ def test_ray_records_a_crashed_trial_and_retries_it_once(ray_tune):
     assert len(failed) == 1 and failed[0]["retried"] and failed[0]["attempt"] == 1
     again = [r for r in records if r["key"] == failed[0]["key"] and r is not failed[0]]
     assert len(again) == 1 and again[0]["status"] == "ok" and again[0]["attempt"] == 2
+
+
+def test_on_fail_defer_keeps_a_pass_that_breaks_the_budget_only_when_a_distill_follows(tiny):
+    from compiler.frontend import example_inputs, trace
+    from compiler.pass_manager import PassCheckFailed, PassManager
+    from compiler.recipe import load_recipe_text
+    from tests.helpers import calibration_for
+
+    calibration = calibration_for(tiny, samples=96)
+
+    def run(passes: str):
+        recipe = load_recipe_text(f"budget: {{min: 0.99999}}\npasses:\n{passes}\n", file="t.yaml")
+        manager = PassManager(recipe, calibration, tiny.model, tiny.tokenizer, tiny.config)
+        gm = trace(tiny.model, example_inputs(tiny.tokenizer), max_length=tiny.max_length)
+        try:
+            return manager.run(gm)[1]
+        except PassCheckFailed as failed:
+            return failed.records
+
+    # Keeping 2 of 64 FFN neurons breaks a 0.99999 budget: alone, defer stops like stop does.
+    alone = run("  - prune-ffn: {keep: 2, on_fail: defer}")
+    assert alone[0].status == "rolled_back" and "fidelity budget broken" in alone[0].reason
+    healed = run("  - prune-ffn: {keep: 2, on_fail: defer}\n  - distill: {steps: 2, batch_size: 8, max_length: 32}")
+    assert healed[0].status == "applied" and "0.99999" in healed[0].checks["budget_deferred"]
+    assert healed[1].name == "distill"  # its own check (and the final one) judge the budget from here
