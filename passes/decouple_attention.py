@@ -38,6 +38,7 @@ from torch.fx import GraphModule, Node
 from compiler.calibration import load_texts, tokenize_batches
 from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.structure import SEGMENT_MASK
+from compiler.tasks import task_of_model
 from compiler.validation import compare, hidden_states, run_batches
 from passes.options import DECOUPLE_ATTENTION
 
@@ -59,6 +60,11 @@ class DecoupleAttention(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         k = self.config.count
+        task = task_of_model(ctx.reference)
+        if task != "feature-extraction":
+            raise self.refuse(f"decouple-attention splits an encoder into lower.onnx + upper.onnx that output hidden states,"
+                              f" and this model is a {task} model: its head would be left out of the split form.",
+                              fix="compile the encoder alone (task: feature-extraction) or remove decouple-attention.")
         structure = ctx.structure(gm)
         total = len(structure.layers)
         if ctx.lowering.get("int4_weights"):

@@ -31,6 +31,7 @@ import torch
 from compiler.calibration import load_texts
 from compiler.graph_edit import get_tensor, remove_dead_code, set_parameter
 from compiler.pass_infra import InputMap, Pass, PassContext, PassResult, register_pass
+from compiler.tasks import task_of_model
 from passes.options import PRUNE_VOCAB
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -74,6 +75,11 @@ class PruneVocab(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
+        task = task_of_model(ctx.reference)
+        if task in ("token-classification", "question-answering"):
+            raise self.refuse(f"prune-vocab rewrites the tokenizer, so a {task} model's per-token outputs would no longer"
+                              " line up with the tokens a user's labels or answer spans refer to.",
+                              fix="remove prune-vocab (quantize-embeddings shrinks the table without retokenizing).")
         tokenizer = ctx.tokenizer
         spec = self._tokenizer_spec(tokenizer)
         embeddings = ctx.structure(gm).embeddings

@@ -258,3 +258,11 @@ def test_per_token_labels_give_a_taggers_accuracy(tmp_path):
     assert code == 0
     metrics = json.loads((out / "report.json").read_text())["final_check"]["metrics"]
     assert metrics["accuracy"] == metrics["reference_accuracy"] and 0.0 < metrics["accuracy"] < 1.0
+
+
+@pytest.mark.parametrize("passes", ["  - decouple-attention: {layers: 1}", "  - prune-vocab: {}"])
+def test_passes_that_cannot_keep_a_token_head_refuse_with_exit_2(tmp_path, passes, capsys):
+    model = make_tiny_task_model(tmp_path / "qa", "BertForQuestionAnswering", num_labels=2)
+    code, out = _compile(tmp_path, model, passes=passes)
+    assert code == 2 and not out.exists()
+    assert "question-answering model" in capsys.readouterr().err
