@@ -40,6 +40,11 @@ class ModelInfo(_Open):
     spec: str = Field(description="The recipe's model: a folder or builtin:minilm-l6.")
     path: str = Field(description="Where the model's files were read from.")
     pooling: str = Field(description="Sentence pooling used to compare embeddings (mean, cls, ...).")
+    task: str = Field("feature-extraction", description="The head compiled with the encoder (feature-extraction,"
+                      " sequence-classification, token-classification, question-answering; docs/task-models.md).")
+    architectures: list[str] = Field(default_factory=list, description="config.json's architectures.")
+    num_labels: int | None = Field(None, description="Labels of a classifier or tagger head (1: a regression or reranker score).")
+    task_notes: list[str] = Field(default_factory=list, description="What the report should say about the head (one not compiled).")
     structure_before: Structure
     structure_after: Structure | None = Field(None, description="Absent when a pass check failed.")
 
@@ -91,6 +96,11 @@ class FinalCheck(_Open):
     budget_metric: str
     budget_min: float
     passed: bool
+    metrics: dict[str, float] | None = Field(
+        None, description="A task model's metrics: agreement, accuracy / f1 and the reference's (labeled held-out text),"
+        " spearman, logits_mse (cosine above is then of the logit vectors).")
+    budget_value: float | None = Field(None, description="The budget metric's held-out value.")
+    budget_max: float | None = Field(None, description="The upper bound of a lower-is-better metric (logits_mse).")
 
 
 class Failure(_Open):
