@@ -162,6 +162,16 @@ def test_tune_into_a_folder_with_a_search_needs_resume(local_tune, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_tpe_strategy_compiles_each_candidate_once_however_often_it_is_proposed(tmp_path, tiny_dir):
+    recipe = _recipe(tmp_path, tiny_dir, SPACE, tune="{batch: 2, seq: 16, margin: 0.05, strategy: tpe, trials: 5, seed: 3}")
+    out = tmp_path / "out"
+    assert main(["tune", str(recipe), "--out", str(out)]) == 0
+    keys = [r["key"] for r in _records(out)]
+    assert len(keys) == len(set(keys)) <= 3
+    summary = json.loads((out / "frontier.json").read_text())
+    assert summary["compiles"] == summary["compiled_this_run"] == sum(1 for r in _records(out) if r["status"] == "ok")
+
+
 def test_successive_halving_gives_full_distill_steps_only_to_the_better_half(tmp_path, tiny_dir):
     # on_fail: skip, because distilling a random tiny model for a few steps may not heal it: this is about the steps.
     recipe = _recipe(tmp_path, tiny_dir, "  - prune-ffn: {keep: {search: [8, 16]}}\n"

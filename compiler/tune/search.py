@@ -103,7 +103,10 @@ class _Proposer:
         if self.strategy == "random":
             sampler = optuna.samplers.RandomSampler(seed=tune.seed)
         else:
-            sampler = optuna.samplers.TPESampler(seed=tune.seed, constraints_func=lambda t: t.user_attrs.get("constraint", (0.0,)))
+            # Optuna 5 reads a trial's constraint from Trial.set_constraint; Optuna 4 from a constraints_func.
+            legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else \
+                {"constraints_func": lambda t: t.user_attrs.get("constraint", (0.0,))}
+            sampler = optuna.samplers.TPESampler(seed=tune.seed, **legacy)
         self.study = optuna.create_study(direction="minimize", sampler=sampler)
         self.distributions = {}
         for number, dim in enumerate(space.dimensions):
@@ -143,15 +146,23 @@ class _Proposer:
             return
         if record["status"] == "pruned":
             value = record.get("estimated_latency_ms") if objective == "latency" else record.get("estimated_bytes")
-            handle.set_user_attr("constraint", (0.0,))
+            _constrain(handle, 0.0)
         else:
             value = objective_value(record, objective)
             fidelity = record.get("fidelity")
-            handle.set_user_attr("constraint", (shortfall(fidelity, bound, lower_is_better) if fidelity is not None else 1.0,))
+            _constrain(handle, shortfall(fidelity, bound, lower_is_better) if fidelity is not None else 1.0)
         if value is None:
             self.study.tell(handle, state=optuna.trial.TrialState.FAIL)
         else:
             self.study.tell(handle, float(value))
+
+
+def _constrain(handle, value: float) -> None:
+    """A trial's budget shortfall (<= 0: feasible), where the installed Optuna's TPE reads it."""
+    if hasattr(handle, "set_constraint"):
+        handle.set_constraint("budget_shortfall", value)
+    else:
+        handle.set_user_attr("constraint", (value,))
 
 
 class Search:
@@ -307,6 +318,10 @@ class Search:
             if self._out_of_time():
                 self.emit("status", message=f"time_limit {self.tune.time_limit:g} s reached: no new candidates")
                 return
+            repeated = self.results.get((candidate, 0))
+            if repeated is not None:  # a sampler may propose a candidate again: it is told the same result
+                self.proposer.tell(handle, repeated, self.tune.objective, self.bound, self.lower_is_better)
+                continue
             pending = self._screened(candidate, 0, handle)
             if pending is not None:
                 yield pending
