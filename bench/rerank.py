@@ -141,7 +141,7 @@ def main() -> None:
         "distill": {k: distill["details"].get(k) for k in ("steps", "seconds", "monitor_cosine_before", "monitor_cosine_after")},
         "split_check": report["lowering"]["split"]["check"],
         "compile_seconds": round(compile_seconds, 1), "up_to_date": compiled.up_to_date,
-        "command": "python bench/rerank.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/rerank.py", *sys.argv[1:]]),
         "environment": {**environment(), "cpu": _cpu_name(), "load_average_after": [round(x, 1) for x in os.getloadavg()]},
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

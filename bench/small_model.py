@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--encoder-precision", action="store_true",
                         help="only measure the fidelity of lower encoder weight precisions (no compile)")
     args = parser.parse_args()
-    command = "python bench/small_model.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python bench/small_model.py", *sys.argv[1:]])
     recipe = load_recipe(args.recipe)
     settings = recipe.file
     if args.encoder_precision:
