@@ -36,6 +36,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from compiler.calibration import load_texts, tokenize_batches
+from compiler.graph_edit import get_tensor
 from compiler.pass_infra import Pass, PassContext, PassResult, register_pass
 from compiler.structure import SEGMENT_MASK
 from compiler.tasks import task_of_model
@@ -82,6 +83,15 @@ class DecoupleAttention(Pass):
         if token_types is None or structure.embeddings.token_type is None:
             raise self.refuse("the model takes no token_type_ids into a token-type embedding, so it has no segments"
                               " to decouple.", fix="use decouple-attention only on BERT-style models with segment ids.")
+        table = structure.embeddings.token_type.args[0]
+        while isinstance(table, Node) and table.op == "call_function":  # a simulated (quantized) table reads the real one
+            table = table.args[0]
+        segments = int(get_tensor(gm, table.target).shape[0]) if isinstance(table, Node) and table.op == "get_attr" else 2
+        if segments < 2:
+            raise self.refuse(f"the token-type table has {segments} row, so the model was trained on single segments"
+                              " (as RoBERTa and XLM-R are) and cannot read a pair's second segment id.",
+                              fix="use decouple-attention only on models with two or more token types (BERT, ELECTRA,"
+                                  " ALBERT).")
         if position is None or attention_mask is None:
             raise self.refuse("no position-embedding lookup or attention_mask input was found in the traced graph.",
                               fix="use decouple-attention on BERT-style models with absolute position embeddings.")

@@ -53,8 +53,6 @@ def make_family_checkpoint(member: str, folder: Path, *, seed: int = 0) -> Path:
     """Build one tiny random member with its base AutoModel class and save it with MiniLM's tokenizer."""
     from transformers import AutoModel
 
-    from compiler.frontend import resolve_model_path
-
     torch.manual_seed(seed)
     model = AutoModel.from_config(family_config(member)).eval()
     with torch.no_grad():  # random init has zero biases and unit norms; make every parameter matter for the checks
@@ -62,7 +60,14 @@ def make_family_checkpoint(member: str, folder: Path, *, seed: int = 0) -> Path:
             param.add_(torch.randn_like(param) * 0.02)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(folder)
+    return folder
+
+
+def save_tokenizer(folder: Path) -> None:
+    """MiniLM's WordPiece tokenizer files, so real text tokenizes for any member."""
+    from compiler.frontend import resolve_model_path
+
     source = resolve_model_path("builtin:minilm-l6")
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, folder / name)
-    return folder

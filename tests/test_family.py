@@ -1,4 +1,10 @@
-"""The BERT family through bertpress: tiny random checkpoints of each member (tests/family_checkpoints.py)."""
+"""The BERT family through bertpress: tiny random checkpoints of each member (tests/family_checkpoints.py).
+
+The family x pass matrix: every cell runs its pass through the real pass manager (validated against the
+member's transformers model on held-out text), lowers the result to ONNX Runtime and checks that ORT
+agrees with the traced graph and passes the held-out budget; a "no" cell is a PassRefused (exit 2)
+naming the member and the reason. docs/family.md carries the same matrix, checked here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from compiler.cli import main
-from tests.family_checkpoints import make_family_checkpoint
+from compiler.errors import PassRefused
+from tests.family_checkpoints import FAMILY, make_family_checkpoint
 
 CALIBRATION = "calibration: {texts: builtin, samples: 16, validation_samples: 8, max_length: 32, batch_size: 8}"
 
@@ -36,15 +43,29 @@ def compile_member(folder: Path, model: Path, passes: str, budget: float = 0.5) 
     return main(["compile", str(recipe), "--out", str(out)]), out
 
 
-def test_distilbert_is_traced_lowered_and_shipped_without_token_type_ids(family, tmp_path):
-    code, out = compile_member(tmp_path, family("distilbert"), "  - quantize-linear: {dtype: int8}")
+@pytest.fixture(scope="module")
+def distilbert_int8(family, tmp_path_factory) -> Path:
+    code, out = compile_member(tmp_path_factory.mktemp("distilbert-int8"), family("distilbert"),
+                               "  - quantize-linear: {dtype: int8}")
     assert code == 0
+    return out
+
+
+def test_distilbert_is_traced_lowered_and_shipped_without_token_type_ids(distilbert_int8):
+    out = distilbert_int8
     inputs = [i.name for i in ort.InferenceSession(str(out / "model.onnx")).get_inputs()]
     assert inputs == ["input_ids", "attention_mask"]
     config = json.loads((out / "config.json").read_text())
     assert config["bertpress"]["inputs"] == inputs
     assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == inputs
     assert json.loads((out / "report.json").read_text())["final_check"]["passed"]
+
+
+def test_bench_times_distilbert_against_its_plain_export_without_token_type_ids(distilbert_int8):
+    from compiler.benchmark import bench
+
+    figures = bench(distilbert_int8, batch=2, seq=16, threads=1, rounds=2, warmup=1)
+    assert figures["compiled"]["median_ms"] > 0 and figures["reference"]["median_ms"] > 0
 
 
 ACCEPTANCE = """  - layer-drop: {layers: [1]}
@@ -107,3 +128,163 @@ def test_share_layers_on_albert_is_refused_as_already_shared(family, tmp_path, c
     code, _ = compile_member(tmp_path, family("albert"), "  - share-layers: {groups: [[0, 1]]}")
     assert code == 2
     assert "on AlbertModel: layers [0, 1] already read one set of weights" in capsys.readouterr().err
+
+
+# One recipe per matrix column (tiny settings: the cells are checks of what applies, not of how well).
+CELLS = {
+    "layer-drop": "  - layer-drop: {layers: [1]}",
+    "prune-heads": "  - prune-heads: {keep: 3}",
+    "prune-ffn": "  - prune-ffn: {keep: 256}",
+    "quantize-linear": "  - quantize-linear: {dtype: int8}",
+    "distill": "  - layer-drop: {layers: [1]}\n"
+               "  - distill: {steps: 4, batch_size: 4, max_length: 32, texts: builtin, samples: 200}",
+    "share-layers": "  - share-layers: {groups: [[1, 2]]}",
+    "low-rank": "  - low-rank: {target: ffn, rank: 32}",
+    "low-rank embeddings": "  - low-rank: {target: embeddings, rank_fraction: 0.5}",
+    "quantize-embeddings": "  - quantize-embeddings: {dtype: int8}",
+    "prune-vocab": "  - prune-vocab: {texts: builtin}",
+    "decouple-attention": "  - decouple-attention: {layers: 2, pair_samples: 8, pair_max_length: 32}",
+}
+# The "no" cells: (member, column) -> words of the refusal.
+REFUSED = {
+    ("albert", "share-layers"): "already read one set of weights",
+    ("distilbert", "decouple-attention"): "takes no token_type_ids",
+    ("deberta-v2", "decouple-attention"): "takes no token_type_ids",
+    ("roberta", "decouple-attention"): "token-type table has 1 row",
+    ("xlm-roberta", "decouple-attention"): "token-type table has 1 row",
+}
+MATRIX_BUDGET = 0.5  # held-out mean cosine; random weights make every lossy pass cost more than on a trained model
+REASONS = {  # what the docs say for a "no" cell
+    "already read one set of weights": "no: its layers already share one set of weights",
+    "takes no token_type_ids": "no: no token types, so no segments",
+    "token-type table has 1 row": "no: one token type (trained on single segments)",
+}
+
+
+def matrix_markdown() -> str:
+    """The family x pass table of docs/family.md, from CELLS and REFUSED."""
+    lines = ["| pass | " + " | ".join(FAMILY) + " |", "|---|" + "---|" * len(FAMILY)]
+    for column in CELLS:
+        cells = [REASONS[REFUSED[(m, column)]] if (m, column) in REFUSED else "yes" for m in FAMILY]
+        lines.append(f"| {column} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def traced(family):
+    """member -> (loaded model, example batch, traced graph), built once per member."""
+    from compiler.frontend import example_inputs, load_model, trace
+
+    made = {}
+
+    def get(member: str):
+        if member not in made:
+            loaded = load_model(str(family(member)))
+            example = example_inputs(loaded.tokenizer)
+            made[member] = (loaded, example, trace(loaded.model, example, max_length=loaded.max_length))
+        return made[member]
+
+    return get
+
+
+@pytest.mark.parametrize("column", list(CELLS))
+@pytest.mark.parametrize("member", FAMILY)
+def test_family_matrix_cell(member, column, traced, tmp_path):
+    import copy
+
+    from compiler.compile import _quantize_spec
+    from compiler.lowering import lower_to_onnx
+    from compiler.runtime import ort_runner, session
+    from compiler.simulation import strip_simulation
+    from compiler.validation import compare, run_batches
+    from tests.helpers import manager_for
+
+    loaded, example, gm = traced(member)
+    manager = manager_for(loaded, CELLS[column], budget=MATRIX_BUDGET)
+    if (member, column) in REFUSED:
+        with pytest.raises(PassRefused) as refused:
+            manager.run(copy.deepcopy(gm))
+        assert refused.value.exit_code == 2
+        assert f"on {type(loaded.model).__name__}: " in refused.value.message
+        assert REFUSED[(member, column)] in refused.value.message
+        return
+    state, records = manager.run(copy.deepcopy(gm))
+    assert [r.status for r in records] == ["applied"] * len(records)
+
+    final = copy.deepcopy(state.gm)
+    strip_simulation(final)
+    # Unfused (the acceptance compiles above lower fused): ONNX Runtime's fusions are checked per member there,
+    # and each export here is what the matrix's run time is made of.
+    lowered = lower_to_onnx(final, manager.map_inputs(state, [example])[0], tmp_path,
+                            quantize=_quantize_spec(state.lowering), fuse=False)
+    if state.lowering.get("embedding_precision"):  # as compile stores quantize-embeddings' tables
+        from compiler.graph_edit import get_tensor
+        from compiler.lowering.embeddings import store_embeddings
+
+        precision = state.lowering["embedding_precision"]
+        store_embeddings(lowered.model_path, precision,
+                         {t: get_tensor(final, t).detach().numpy() for t in precision}, state.lowering.get("int4_tables"))
+    heldout = manager.heldout(state)
+    outputs = run_batches(ort_runner(session(lowered.model_path, 1)), heldout)
+    agreement = compare(state.outputs, outputs, heldout, manager.pooling)  # ONNX Runtime vs the traced graph
+    exact = not state.lowering.get("quantize") and not state.lowering.get("embedding_precision")
+    assert agreement.cosine_min > (0.9999 if exact else 0.99)
+    assert not exact or agreement.max_abs_error < 1e-3
+    assert manager.fidelity(outputs, state).cosine >= MATRIX_BUDGET  # the held-out check
+
+
+def test_docs_family_matrix_is_the_tested_one():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "family.md").read_text()
+    assert matrix_markdown() in docs, "docs/family.md's matrix differs from tests/test_family.py's CELLS/REFUSED:\n" \
+        + matrix_markdown()
+
+
+@pytest.mark.parametrize("member", FAMILY)
+def test_cost_model_breaks_every_member_into_storage_and_compute(member, traced):
+    from compiler import cost_model
+    from compiler.structure import analyze
+
+    loaded, _, gm = traced(member)
+    cost = cost_model.estimate(gm, batch=2, seq=16, component_of=analyze(gm).node_component)
+    parts = cost.by_component
+    for component in ("embeddings", "linear-before-attention", "linear-after-attention", "feed-forward"):
+        assert parts[component]["bytes"] > 0 and parts[component]["flops"] > 0, (component, parts[component])
+    assert parts["attention-core"]["flops"] > 0
+    # nn.Module.parameters() yields a shared tensor once; the cost model counts stored tensors, not their uses
+    # (give or take position-id buffers and small traced constants: ALBERT's shared layer alone is 200k)
+    unique = sum(p.numel() for p in loaded.model.parameters())
+    assert abs(cost.parameters - unique) <= 1024
+
+
+def test_deberta_prune_heads_cuts_separate_relative_position_projections_with_query_and_key(tmp_path):
+    """DeBERTa-v2 without share_att_key has its own pos_query_proj / pos_key_proj; they lose the same heads."""
+    import copy
+
+    from transformers import AutoModel
+
+    from compiler.frontend import example_inputs, load_model, trace
+    from compiler.graph_edit import get_tensor
+    from tests.family_checkpoints import family_config, save_tokenizer
+    from tests.helpers import manager_for
+
+    config = family_config("deberta-v2")
+    config.share_att_key = False
+    AutoModel.from_config(config).eval().save_pretrained(tmp_path, safe_serialization=True)
+    save_tokenizer(tmp_path)
+    loaded = load_model(str(tmp_path))
+    gm = trace(loaded.model, example_inputs(loaded.tokenizer), max_length=loaded.max_length)
+    state, records = manager_for(loaded, "  - prune-heads: {keep: 2}", budget=0.3).run(copy.deepcopy(gm))
+    assert records[0].status == "applied"
+    for name in ("query_proj", "key_proj", "value_proj", "pos_query_proj", "pos_key_proj"):
+        assert get_tensor(state.gm, f"encoder.layer.0.attention.self.{name}.weight").shape == (64, 128), name
+
+
+def test_albert_repetitions_asked_for_different_head_counts_are_refused(traced):
+    import copy
+
+    from tests.helpers import manager_for
+
+    loaded, _, gm = traced("albert")
+    with pytest.raises(PassRefused, match=r"on AlbertModel: layers \[0, 1, 2, 3\] repeat one shared layer") as refused:
+        manager_for(loaded, "  - prune-heads: {keep: [4, 3, 3, 3]}").run(copy.deepcopy(gm))
+    assert refused.value.exit_code == 2 and "keep asks for [3, 4] heads" in refused.value.message
