@@ -288,3 +288,18 @@ def test_albert_repetitions_asked_for_different_head_counts_are_refused(traced):
     with pytest.raises(PassRefused, match=r"on AlbertModel: layers \[0, 1, 2, 3\] repeat one shared layer") as refused:
         manager_for(loaded, "  - prune-heads: {keep: [4, 3, 3, 3]}").run(copy.deepcopy(gm))
     assert refused.value.exit_code == 2 and "keep asks for [3, 4] heads" in refused.value.message
+
+
+def test_low_rank_embeddings_on_albert_factorizes_its_factorized_table_further(traced):
+    import copy
+
+    from compiler.graph_edit import get_tensor
+    from compiler.structure import analyze
+    from tests.helpers import manager_for
+
+    loaded, _, gm = traced("albert")
+    state, records = manager_for(loaded, "  - low-rank: {target: embeddings, rank: 16}", budget=0.3).run(copy.deepcopy(gm))
+    assert records[0].status == "applied" and "already factorized" in records[0].details["note"]
+    embeddings = analyze(state.gm).embeddings
+    assert tuple(get_tensor(state.gm, embeddings.word_weight).shape) == (30522, 16)  # was 30522 x 32
+    assert tuple(get_tensor(state.gm, embeddings.projection.weight).shape) == (128, 32)  # ALBERT's own, kept
