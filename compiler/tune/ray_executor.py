@@ -33,10 +33,12 @@ def _trainable(config: dict) -> None:
 
     from compiler.tune.trial import run_trial
 
+    history = []  # every rung's result so far, in each report: Ray Tune may hand the searcher only some reports
     for rung, spec in enumerate(config["specs"]):
         result = run_trial(spec)
+        history.append(result)
         tune.report({"score": score(result, config["objective"], config["bound"], config["lower_is_better"]), RUNG: rung + 1,
-                     "record": json.dumps(result)})
+                     "records": json.dumps(history)})
         if result["status"] != "ok":
             return
 
@@ -61,6 +63,7 @@ def _searcher_class():
             self.search, self.sys_path = search, sys_path
             self.first = search.first_rung()
             self.live = {}  # trial id -> Pending of its first rung
+            self.recorded = {}  # trial id -> rungs recorded
 
         def __getstate__(self):
             # Ray Tune pickles its searcher for an experiment restore; a search resumes from trials.jsonl instead
@@ -86,23 +89,40 @@ def _searcher_class():
                     "sys_path": self.sys_path}
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            pending = self.live[trial_id]
-            rung = int(result[RUNG]) - 1
-            at = pending if rung == 0 else self.search.pending(pending.candidate, rung)
-            at.attempt = pending.attempt
-            self.search.complete(at, json.loads(result["record"]))
+            pending = self.live.get(trial_id)
+            if pending is None or "records" not in result:
+                return
+            for rung, record in enumerate(json.loads(result["records"])):
+                if rung < self.recorded.get(trial_id, 0):
+                    continue
+                at = pending if rung == 0 else self.search.pending(pending.candidate, rung)
+                at.attempt = pending.attempt
+                self.search.complete(at, record)
+                self.recorded[trial_id] = rung + 1
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result:
+                self.on_trial_result(trial_id, result)
             pending = self.live.pop(trial_id, None)
             if error and pending is not None:
-                record = self.search.failed_attempt(pending, "the trial failed twice (see the Ray Tune logs under"
-                                                             f" {self.search.out / 'ray'})", retrying=False)
-                self.search._finish(pending.candidate, pending.rung, pending.handle, record)
+                at = self._next_rung(trial_id, pending)
+                record = self.search.failed_attempt(at, "the trial failed twice (see the Ray Tune logs under"
+                                                        f" {self.search.out / 'ray'})", retrying=False)
+                self.search._finish(at.candidate, at.rung, at.handle, record)
+
+        def _next_rung(self, trial_id: str, pending):
+            """The rung a failing trial was at: the first it had not reported."""
+            rung = self.recorded.get(trial_id, 0)
+            if rung == 0:
+                return pending
+            at = self.search.pending(pending.candidate, rung)
+            at.attempt = pending.attempt
+            return at
 
         def retried(self, trial_id: str, error: str) -> None:
             pending = self.live.get(trial_id)
             if pending is not None:
-                self.search.failed_attempt(pending, error, retrying=True)
+                self.search.failed_attempt(self._next_rung(trial_id, pending), error, retrying=True)
                 pending.attempt += 1
 
     return SearchAsSearcher
