@@ -78,6 +78,16 @@ def known_recipes() -> dict[str, Path]:
     return dict(sorted(known.items()))
 
 
+def default_recipes() -> dict[str, Path]:
+    """The recipes a run without --recipes compiles: those in recipes/ that ``bertpress compile`` takes (a searchable
+    recipe is ``bertpress tune``'s; bench/tune_minilm.py measures it)."""
+    import yaml
+
+    from compiler.search_space import is_searchable
+
+    return {p.stem: p for p in sorted(RECIPE_DIRS[0].glob("*.yaml")) if not is_searchable(yaml.safe_load(p.read_text()))}
+
+
 def recipe_path(name: str) -> Path:
     """The file of recipe ``name`` (see known_recipes)."""
     path = known_recipes().get(name)
@@ -316,12 +326,11 @@ def _same_recipe_today(built: dict | None, recipe) -> bool:
 
 
 def compile_all(out_root: Path, reuse: bool, only: list[str] | None = None) -> dict[str, dict]:
-    """Compile the recipes ``only`` names (from RECIPE_DIRS), or every recipe in recipes/ without ``only``."""
+    """Compile the recipes ``only`` names (from RECIPE_DIRS), or default_recipes() without ``only``."""
     from compiler.compile import compile_recipe
 
     results = {}
-    chosen = ({n: p for n, p in known_recipes().items() if n in only} if only
-              else {p.stem: p for p in sorted(RECIPE_DIRS[0].glob("*.yaml"))})
+    chosen = {n: p for n, p in known_recipes().items() if n in only} if only else default_recipes()
     for name, path in chosen.items():
         out = out_root / name
         started = time.perf_counter()
@@ -565,7 +574,7 @@ def write_results(path: Path, context: dict, rows: list[dict], recipes: dict, in
                      + (f"; encoder: {shape}" if shape else ""))
     for name, rec in failed.items():
         lines.append(f"- `{_shown(recipe_path(name))}` did not compile: {rec['reason']}")
-    left_out = sorted(p.stem for p in RECIPE_DIRS[0].glob("*.yaml") if p.stem not in recipes)
+    left_out = sorted(name for name in default_recipes() if name not in recipes)
     if left_out:
         lines.append(f"- not in this run (`--recipes`): {', '.join(f'`recipes/{n}.yaml`' for n in left_out)}")
     recipe_rows = [r for r in rows if r.get("estimated_ms") is not None and r["name"].startswith("recipe ")]
@@ -668,6 +677,12 @@ def main() -> None:
     if unknown:
         parser.error(f"no recipe named {', '.join(unknown)} in {' or '.join(_shown(d) + '/' for d in RECIPE_DIRS)}"
                      f" (names are file names without .yaml: {', '.join(known)})")
+    compilable = default_recipes()
+    searchable = [name for name in (args.recipes or []) + args.sample_also
+                  if known[name].parent == RECIPE_DIRS[0] and name not in compilable]
+    if searchable:
+        parser.error(f"{', '.join(searchable)} is a searchable recipe: `bertpress tune` searches it (bench/tune_minilm.py"
+                     " measures the result); compare.py compiles plain recipes")
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     load_before = [round(x, 1) for x in os.getloadavg()]

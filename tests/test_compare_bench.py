@@ -76,6 +76,23 @@ def test_unknown_recipe_name_is_a_clear_usage_error(compare, monkeypatch, capsys
     assert "no recipe named minilm-fats in recipes/ or bench/experiments/recipes/" in err and "minilm-fast-jargon" in err
 
 
+def test_a_default_run_leaves_searchable_recipes_to_bertpress_tune(compare, monkeypatch, tmp_path, capsys):
+    recipes, experiments = tmp_path / "recipes", tmp_path / "experiments"
+    recipes.mkdir()
+    experiments.mkdir()
+    (recipes / "plain.yaml").write_text("version: 1\npasses:\n  - quantize-linear: {dtype: int8}\n")
+    (recipes / "searched.yaml").write_text("version: 1\npasses:\n  - layer-drop: {count: {search: [1, 2]}}\n")
+    (experiments / "variant.yaml").write_text("version: 1\npasses:\n  - layer-drop: {count: 1}\n")
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "RECIPE_DIRS", (recipes, experiments))
+    assert list(compare.default_recipes()) == ["plain"]
+    assert list(compare.known_recipes()) == ["plain", "searched", "variant"]
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--recipes", "searched"])
+    with pytest.raises(SystemExit) as stop:
+        compare.main()
+    assert stop.value.code == 2 and "searched is a searchable recipe: `bertpress tune`" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="fortunes not installed")
 def test_held_out_fidelity_scores_the_reference_as_itself_and_a_perturbed_model_lower(compare, tiny):
     # The one measuring loop compare.py, fidelity_check.py, domain_ablation.py and loss_ablation.py share.
