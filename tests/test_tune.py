@@ -191,18 +191,22 @@ def test_successive_halving_gives_full_distill_steps_only_to_the_better_half(tmp
 # -- Ray ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_tune(tmp_path_factory, tiny_dir):
-    """local_tune's search on a Ray cluster of 2 CPUs started here (two trials at a time); its first trial crashes."""
+def ray_cluster():
+    """A real local Ray cluster of 2 CPUs for this module's Ray tests, shut down after them."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.tune")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_tune(tmp_path_factory, tiny_dir, ray_cluster):
+    """local_tune's search on the Ray cluster (two trials at a time, one CPU each); its first trial crashes."""
     folder = tmp_path_factory.mktemp("tune-ray")
     recipe = _crashing_recipe(folder, tiny_dir)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        out = folder / "out"
-        assert main(["tune", str(recipe), "--out", str(out), "--executor", "ray"]) == 0
-    finally:
-        ray.shutdown()
+    out = folder / "out"
+    assert main(["tune", str(recipe), "--out", str(out), "--executor", "ray"]) == 0
     return out
 
 
@@ -245,3 +249,17 @@ def test_on_fail_defer_keeps_a_pass_that_breaks_the_budget_only_when_a_distill_f
     healed = run("  - prune-ffn: {keep: 2, on_fail: defer}\n  - distill: {steps: 2, batch_size: 8, max_length: 32}")
     assert healed[0].status == "applied" and "0.99999" in healed[0].checks["budget_deferred"]
     assert healed[1].name == "distill"  # its own check (and the final one) judge the budget from here
+
+
+def test_ray_records_every_distill_rung_a_trial_reaches_under_asha(tmp_path, tiny_dir, ray_cluster):
+    recipe = _recipe(tmp_path, tiny_dir, "  - prune-ffn: {keep: {search: [8, 16]}}\n"
+                                         "  - distill: {steps: 4, batch_size: 8, max_length: 32, on_fail: skip}",
+                     tune="{batch: 2, seq: 16, eta: 2, rungs: 2, margin: 10}")
+    recipe.write_text(recipe.read_text().replace("samples: 16,", "samples: 96,"))
+    out = tmp_path / "out"
+    assert main(["tune", str(recipe), "--out", str(out), "--executor", "ray"]) == 0
+    records = _records(out)
+    short = {r["key"] for r in records if r["distill_steps"] == 2}
+    full = [r for r in records if r["distill_steps"] == 4]
+    assert len(short) == 2 and full and all(r["status"] == "ok" for r in records)
+    assert "steps: 4" in (out / "best.yaml").read_text()
