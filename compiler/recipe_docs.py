@@ -98,8 +98,10 @@ def recipe_markdown() -> str:
         sections += [(name, model) for model in models[:1]]
     for name, model in sections:
         lines += ["", f"## `{name}`", "", _cell(model.__doc__ or ""), ""] + _table(model, f"{name}.")
-    lines += ["", "## Passes", "", "Every pass also takes `on_fail: stop | skip` (stop with exit 1 when its check breaks,"
-              " or roll it back and go on). Ordering constraints are checked before anything runs.", ""]
+    lines += ["", "## Passes", "", "Every pass also takes `on_fail: stop | skip | defer` (stop with exit 1 when its check"
+              " breaks, or roll it back and go on; defer: a lossy pass that breaks only the budget is kept when a healing"
+              " pass such as distill follows, which must bring the model back). Ordering constraints are checked before"
+              " anything runs.", ""]
     for name, declared in declared_passes().items():
         lines += [f"### `{name}`", "", _cell(summary_of(declared))]
         order = []
