@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import BertpressError, CheckFailed, RecipeError
+from ..output import raise_if_interrupted
 from ..search_space import Candidate, SearchSpace, recipe_text
 from .trial import run_trial, trial_env
 
@@ -242,6 +243,7 @@ class Search:
 
     def estimate(self, candidate: Candidate):
         if candidate not in self._estimates:
+            raise_if_interrupted()  # screening many candidates takes a while: Ctrl-C stops here too
             from ..recipe import load_recipe_text
             from .screen import Estimate, Screen
 
@@ -459,6 +461,7 @@ def run_local(search: Search) -> Outcome:
     for rung in range(len(search.rungs)):
         pendings = search.first_rung() if rung == 0 else search.later_rung(rung)
         for pending in pendings:
+            raise_if_interrupted()
             search.emit("start", pending=pending, done=search.done_count(), total=search.planned, steps=search.rungs[pending.rung])
             while True:
                 try:
