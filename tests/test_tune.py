@@ -156,6 +156,26 @@ def test_resume_of_a_finished_search_compiles_nothing(local_tune, tmp_path):
     assert (resumed / "best" / "model.onnx").read_bytes() == (out / "best" / "model.onnx").read_bytes()
 
 
+def test_ctrl_c_stops_between_safe_points_and_resume_finishes_the_search(tmp_path, tiny_dir):
+    import signal
+
+    recipe = _recipe(tmp_path, tiny_dir, SPACE, tune=TUNE)
+    out = tmp_path / "out"
+    tune = subprocess.Popen([sys.executable, "-m", "compiler.cli", "tune", str(recipe), "--out", str(out)],
+                            cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True)
+    for line in tune.stderr:  # the first trial is recorded and the second is compiling
+        if line.strip().startswith("[2/3] compiling"):
+            tune.send_signal(signal.SIGINT)
+            break
+    rest = tune.stderr.read()
+    assert tune.wait(timeout=600) == 130 and "--resume" in rest
+    assert len(_records(out)) == 1 and not (out / "best.yaml").exists()
+    assert not list(out.glob("trials/.*partial*"))
+    assert main(["tune", str(recipe), "--out", str(out), "--resume"]) == 0
+    summary = json.loads((out / "frontier.json").read_text())
+    assert summary["reused_from_previous_run"] == 1 and len(_records(out)) == 3
+
+
 def test_tune_into_a_folder_with_a_search_needs_resume(local_tune, capsys):
     recipe, out = local_tune
     assert main(["tune", str(recipe), "--out", str(out)]) == 2
