@@ -28,7 +28,8 @@ from .disentangled_attention import EAGER_ATTENTION, traceable_attention  # noqa
 # sentence-transformers pooling), so the output is a drop-in replacement.
 CARRIED_FILES = (
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-    "merges.txt", "sentencepiece.bpe.model", "modules.json", "sentence_bert_config.json",
+    "merges.txt", "sentencepiece.bpe.model", "spiece.model", "spm.model", "added_tokens.json",  # XLM-R, ALBERT, DeBERTa-v3
+    "modules.json", "sentence_bert_config.json",
     "config_sentence_transformers.json", "1_Pooling/config.json", "2_Normalize/config.json",
 )
 
