@@ -13,7 +13,7 @@ from compiler.cli import main
 from tests.conftest import write_recipe
 
 ROOT = Path(__file__).parent.parent
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))  # the recipes a user starts from
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))  # the recipes a user starts from
 EXPERIMENT_RECIPES = sorted((ROOT / "bench" / "experiments" / "recipes").glob("*.yaml"))  # variants bench scripts build
 
 

@@ -12,7 +12,6 @@ from compiler.recipe_docs import recipe_markdown
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 README_MAX_LINES = 250
-MAX_STARTING_RECIPES = 8
 
 
 def test_recipe_reference_is_generated_from_the_schema():
@@ -61,16 +60,3 @@ def test_docs_links_lead_to_files():
             if not target.startswith("http") and not (page.parent / target).exists():
                 missing.append(f"{page.name} -> {target}")
     assert not missing, f"links to files that do not exist: {missing}"
-
-
-def test_at_most_eight_starting_recipes_each_with_a_short_header():
-    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
-    assert 0 < len(recipes) <= MAX_STARTING_RECIPES, [r.name for r in recipes]
-    for path in recipes:
-        header = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.startswith("#"):
-                break
-            header.append(line)
-        described = [line for line in header if not line.startswith("# compiled-by:")]
-        assert 1 <= len(described) <= 5, f"{path.name}: a header of 1 to 5 lines says what it is for ({len(described)})"
