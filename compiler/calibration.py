@@ -397,6 +397,8 @@ def _segments(text: str | tuple[str, str]) -> tuple[str, ...]:
 
 def tokenize_batches(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     # A (text, pair) tuple tokenizes as two segments (token_type_ids 0 and 1), like any HF pair input.
+    import torch
+
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,

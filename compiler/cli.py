@@ -130,7 +130,7 @@ def cmd_compile(args) -> int:
 
 def cmd_validate(args) -> int:
     from .calibration import load_texts
-    from .frontend import resolve_model_path
+    from .model_files import resolve_model_path
 
     if _searchable(args.recipe):
         from .search_space import load_search_space

