@@ -79,14 +79,17 @@ def render(result: dict) -> str:
              f" {result['load_average_after']} (2 cores; above 2 means other jobs shared them).", "",
              f"Search: {summary['candidates']} candidates, {summary['considered']} considered, {summary['compiles']} compiles"
              f" (statuses {summary['statuses']}), distill rungs {summary['distill_rungs']} steps;"
-             f" {result['search_seconds'] / 60:.1f} min. `bertpress tune` exit code {result['tune_exit_code']}.", "",
+             f" {result['search_seconds'] / 60:.1f} min in this run, which reused {summary['reused_from_previous_run']} finished"
+             f" trials of an earlier run of the same search (--resume) and compiled {summary['compiled_this_run']}."
+             f" `bertpress tune` exit code {result['tune_exit_code']}.", "",
              "| options | distill steps | est. b32 ms | measured b32 ms (3 runs) | held-out WordNet cosine | within budget |",
              "|---|---|---|---|---|---|"]
     trials = [json.loads(line) for line in (RESULTS / "tune-minilm-trials.jsonl").read_text().splitlines()]
     for record in trials:
         options = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in record["options"].items())
         if record["status"] in ("ok", "check_failed"):
-            lines.append(f"| {options} | {record.get('distill_steps')} | {record.get('compiled_estimated_latency_ms')} |"
+            estimate = record.get("compiled_estimated_latency_ms") or f"{record.get('estimated_latency_ms')} (screen)"
+            lines.append(f"| {options} | {record.get('distill_steps')} | {estimate} |"
                          f" {record.get('measured_latency_ms')} | {record.get('fidelity')} | {record.get('meets_budget')} |")
         else:
             lines.append(f"| {options} | {record.get('distill_steps')} | {record.get('estimated_latency_ms')} (screen) | - | - |"

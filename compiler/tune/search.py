@@ -55,8 +55,13 @@ def score(record: dict, objective: str, bound: float, lower_is_better: bool = Fa
 
 
 def objective_value(record: dict, objective: str) -> float | None:
-    """What the search minimises for a compiled record: the compile's own latency estimate, or its file bytes."""
-    return record.get("compiled_estimated_latency_ms") if objective == "latency" else record.get("size_bytes")
+    """What the search minimises for a compiled record: the compile's own latency estimate, or its file bytes; the
+    screen's estimate for a compile that stopped before it costed or wrote its model (a pass broke the budget)."""
+    if objective == "latency":
+        value = record.get("compiled_estimated_latency_ms")
+        return value if value is not None else record.get("estimated_latency_ms")
+    value = record.get("size_bytes")
+    return value if value is not None else record.get("estimated_bytes")
 
 
 @dataclass
