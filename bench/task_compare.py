@@ -5,7 +5,7 @@ its held-out split is never trained, calibrated or distilled on). Measured in on
   * the fp32 classifier: plain fp32 ONNX export of the traced model (dynamo, no fusions): every ratio's baseline;
   * the peer pipeline applied to the classifier, as Optimum runs it: legacy TorchScript export ->
     onnxruntime.transformers optimizer (bert) -> quantize_dynamic int8 per-channel (bench/compare.py's peer_pipeline);
-  * bertpress recipes in recipes/task/ (int8 only; structure + distill + int8), compiled with compile_recipe; they
+  * bertpress recipes in bench/recipes/ (int8 only; structure + distill + int8), compiled with compile_recipe; they
     calibrate and distill on the training split's texts, without its labels.
 For each: held-out accuracy and macro F1 against the labels, agreement (same top label) with the fp32 classifier,
 size on disk, and latency at batch 1 and batch 32 (seq 128, synthetic ids, --threads intra-op threads) as medians of
@@ -42,7 +42,7 @@ from compiler.recipe import load_recipe
 from compiler.runtime import session
 from compiler.tasks import macro_f1
 
-RECIPES = ROOT / "recipes" / "task"
+RECIPES = ROOT / "bench" / "recipes"
 RESULTS = ROOT / "bench" / "results" / "task-classifier"
 SEQ = 128
 # The targets: the int8 recipe against fp32 and the peer; the structure recipe against fp32.
