@@ -13,10 +13,9 @@ from compiler.errors import PassRefused, RecipeError
 from compiler.frontend import example_inputs, trace
 from compiler.pass_manager import PassCheckFailed, PassManager
 from compiler.recipe import load_recipe, load_recipe_text
-from compiler.simulation import straight_through
 from compiler.structure import analyze
 from compiler.validation import compare, hidden_states, run_batches
-from compiler.simulation import fake_quant_activation_blocks_int8, fake_quant_activation_uint8
+from compiler.simulation import fake_quant_activation_blocks_int8, fake_quant_activation_uint8, straight_through
 from tests.conftest import make_tiny_bert
 from tests.helpers import calibration_for, run_pass
 
@@ -431,10 +430,17 @@ def test_pack_and_bucket_together_are_a_recipe_error(tmp_path):
     assert "passes[0]" in str(error.value) and "pack and bucket exclude each other" in str(error.value)
 
 
+def test_an_encoder_with_only_the_logits_loss_is_refused(tiny3, calibration):
+    gm = _dropped(tiny3, calibration)
+    with pytest.raises(PassRefused, match="only the logits loss has a weight"):
+        run_pass("distill", {**FAST, "steps": 1, "losses": {"output": 0, "hidden": 0, "attention": 0}}, gm, tiny3,
+                 calibration)
+
+
 def test_all_zero_loss_weights_are_a_recipe_error(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nmodel: builtin:minilm-l6\npasses:\n"
-                      "  - distill: {steps: 10, losses: {output: 0, hidden: 0, attention: 0}}\n")
+                      "  - distill: {steps: 10, losses: {output: 0, hidden: 0, attention: 0, logits: 0}}\n")
     with pytest.raises(RecipeError) as error:
         load_recipe(recipe)
     assert "passes[0]" in str(error.value) and "every loss weight is 0" in str(error.value)
