@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
 
 from .errors import RecipeError
 from .tasks import LOWER_IS_BETTER
@@ -77,6 +77,11 @@ class Budget(_Strict):
         if not lower_is_better and self.max is not None:
             raise ValueError(f"budget.max only bounds {', '.join(LOWER_IS_BETTER)}; metric {self.metric} uses min")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_an_unused_max(self, handler):
+        # max bounds logits_mse only; leaving it out otherwise keeps every other recipe's normalized form (and cache key).
+        return {key: value for key, value in handler(self).items() if not (key == "max" and value is None)}
 
     def passed(self, value: float) -> bool:
         return value <= self.max if self.metric in LOWER_IS_BETTER else value >= self.min
