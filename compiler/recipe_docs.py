@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from .pass_config import PassDeclaration
 from .pass_registry import declared_passes, summary_of
 from .recipe import RecipeFile
 
@@ -85,6 +86,11 @@ def _table(model: type[BaseModel], prefix: str = "") -> list[str]:
     return rows
 
 
+def is_builtin_pass(entry) -> bool:
+    module = entry.module if isinstance(entry, PassDeclaration) else entry.__module__
+    return module.startswith("passes.")
+
+
 def recipe_markdown() -> str:
     lines = [INTRO, "## Top level", ""]
     top = [(name, field) for name, field in RecipeFile.model_fields.items()]
@@ -103,6 +109,8 @@ def recipe_markdown() -> str:
               " pass such as distill follows, which must bring the model back). Ordering constraints are checked before"
               " anything runs.", ""]
     for name, declared in declared_passes().items():
+        if not is_builtin_pass(declared):
+            continue  # a plugin documents itself; this page is bertpress's own reference
         lines += [f"### `{name}`", "", _cell(summary_of(declared))]
         order = []
         if declared.must_run_before:

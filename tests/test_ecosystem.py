@@ -52,8 +52,21 @@ def _python(venv: Path) -> Path:
 
 
 def build_venv() -> tuple[Path | None, str]:
-    """The cached loader environment, building it if needed: (its python, "") or (None, why not)."""
+    """The cached loader environment, building it if needed: (its python, "") or (None, why not).
+
+    One build at a time: test processes running side by side (pytest-xdist workers) wait on a lock file, and the
+    second finds the first one's environment complete.
+    """
+    import fcntl
+
     venv = venv_dir()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.with_name(f"{venv.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_venv_locked(venv)
+
+
+def _build_venv_locked(venv: Path) -> tuple[Path | None, str]:
     if (venv / "complete").is_file():
         return _python(venv), ""
     # Built under a temporary name and renamed when complete, so an interrupted build is never reused.
