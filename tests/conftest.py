@@ -22,15 +22,26 @@ def make_tiny_bert(folder: Path, *, layers: int = 2, hidden: int = 32, heads: in
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=intermediate, max_position_embeddings=128)
-    model = BertModel(config).eval()
-    with torch.no_grad():  # random init has tiny biases; make every parameter matter for the checks
+    return save_tiny_checkpoint(BertModel(config).eval(), folder, noise=0.02)
+
+
+def save_tiny_checkpoint(model: torch.nn.Module, folder: Path, *, noise: float) -> Path:
+    """Save a random model, every parameter nudged by ``noise`` (random init has tiny biases and unit norms; make
+    every parameter matter for the checks), as safetensors with MiniLM's tokenizer."""
+    with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
+            param.add_(torch.randn_like(param) * noise)
+    folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    copy_minilm_tokenizer(folder)
+    return folder
+
+
+def copy_minilm_tokenizer(folder: Path) -> None:
+    """MiniLM's WordPiece tokenizer files, so real text tokenizes for any tiny checkpoint."""
     source = resolve_model_path(MINILM)
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,13 +10,11 @@ c2p + p2c disentangled attention, no absolute position embedding).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 FAMILY = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "deberta-v2")
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VOCAB = 30522  # MiniLM's tokenizer
 LAYERS, HIDDEN, HEADS, INTERMEDIATE = 4, 128, 4, 512
 
@@ -53,21 +51,7 @@ def make_family_checkpoint(member: str, folder: Path, *, seed: int = 0) -> Path:
     """Build one tiny random member with its base AutoModel class and save it with MiniLM's tokenizer."""
     from transformers import AutoModel
 
+    from tests.conftest import save_tiny_checkpoint
+
     torch.manual_seed(seed)
-    model = AutoModel.from_config(family_config(member)).eval()
-    with torch.no_grad():  # random init has zero biases and unit norms; make every parameter matter for the checks
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    save_tokenizer(folder)
-    return folder
-
-
-def save_tokenizer(folder: Path) -> None:
-    """MiniLM's WordPiece tokenizer files, so real text tokenizes for any member."""
-    from compiler.frontend import resolve_model_path
-
-    source = resolve_model_path("builtin:minilm-l6")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(source / name, folder / name)
+    return save_tiny_checkpoint(AutoModel.from_config(family_config(member)).eval(), folder, noise=0.02)

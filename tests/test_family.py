@@ -271,13 +271,14 @@ def test_deberta_prune_heads_cuts_separate_relative_position_projections_with_qu
 
     from compiler.frontend import example_inputs, load_model, trace
     from compiler.graph_edit import get_tensor
-    from tests.family_checkpoints import family_config, save_tokenizer
+    from tests.conftest import copy_minilm_tokenizer
+    from tests.family_checkpoints import family_config
     from tests.helpers import manager_for
 
     config = family_config("deberta-v2")
     config.share_att_key = False
     AutoModel.from_config(config).eval().save_pretrained(tmp_path, safe_serialization=True)
-    save_tokenizer(tmp_path)
+    copy_minilm_tokenizer(tmp_path)
     loaded = load_model(str(tmp_path))
     gm = trace(loaded.model, example_inputs(loaded.tokenizer), max_length=loaded.max_length)
     state, records = manager_for(loaded, "  - prune-heads: {keep: 2}", budget=0.3).run(copy.deepcopy(gm))

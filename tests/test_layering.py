@@ -58,6 +58,12 @@ def _names(imported: set[str], prefix: str) -> set[str]:
     return {name for name in imported if name == prefix or name.startswith(prefix + ".")}
 
 
+def _run_in_a_fresh_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python process (nothing imported yet) and fail with its error if an assertion breaks."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_only_the_registry_imports_passes_from_compiler():
     offenders = {_module_name(path): sorted(_names(imports_of(path), "passes")) for path in _sources("compiler")
                  if _module_name(path) != REGISTERING_MODULE and _names(imports_of(path), "passes")}
@@ -97,8 +103,7 @@ def test_validate_and_schema_run_without_importing_torch():
         "heavy = sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _run_in_a_fresh_interpreter(code)
 
 
 def test_a_declared_pass_loads_its_code_only_when_asked():
@@ -111,8 +116,7 @@ def test_a_declared_pass_loads_its_code_only_when_asked():
         "assert cls.Config is names['quantize-linear'].Config and 'torch' in sys.modules\n"
         "assert cls.must_run_before == names['quantize-linear'].must_run_before\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _run_in_a_fresh_interpreter(code)
 
 
 def test_the_import_graph_reader_sees_a_violation(tmp_path):

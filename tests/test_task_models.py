@@ -7,7 +7,6 @@ logits under their Hugging Face names, agree with the traced graph in ONNX Runti
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ import torch
 
 from compiler.calibration import python_docs_pairs, python_docs_texts
 from compiler.cli import main
-from compiler.frontend import resolve_model_path
-from tests.conftest import MINILM, TOKENIZER_FILES, write_recipe
+from tests.conftest import save_tiny_checkpoint, write_recipe
 
 LABELS = ["noun.animal", "noun.food", "noun.plant"]
 
@@ -32,15 +30,7 @@ def make_tiny_task_model(folder: Path, head: str, *, num_labels: int = 3, seed: 
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=128, num_labels=num_labels,
         id2label={i: f"LABEL_{i}" for i in range(num_labels)} if num_labels != len(LABELS) else dict(enumerate(LABELS)))
-    model = getattr(transformers, head)(config).eval()
-    with torch.no_grad():  # random init has tiny biases; make every parameter matter for the checks
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(folder, safe_serialization=True)
-    source = resolve_model_path(MINILM)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(source / name, folder / name)
-    return folder
+    return save_tiny_checkpoint(getattr(transformers, head)(config).eval(), folder, noise=0.05)
 
 
 @pytest.fixture(scope="module")
